@@ -1,0 +1,3 @@
+"""fip-sidecar: a highly available DigitalOcean reserved (floating) IP for any web service."""
+
+__version__ = "0.1.0"

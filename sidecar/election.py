@@ -1,0 +1,641 @@
+"""The sans-IO election core: bully priority, majority quorum, and leases.
+
+Nothing here opens a socket, reads a clock, sleeps or imports trio. The runtime feeds it
+messages (`step`) and the passage of time (`tick`), both with `now` in monotonic seconds,
+and collects what it must send and what happened (`Ready`). That makes every rule testable
+by hand and the whole cluster replayable in a deterministic simulator.
+
+Why the rules are safe (the argument the tests check):
+
+* A *promise* is a node's commitment not to vote for anyone but X until a local deadline.
+  A node promises when it accepts a leader's heartbeat (until receipt + lease_timeout) and
+  when it grants a vote (until receipt + lease_timeout). A leader or candidate needs no
+  promise to itself: it refuses every vote while leading, votes for itself once a term as a
+  candidate, and abandons a round for good before it votes for anyone else.
+* A leader's *lease* runs from the **send** time of the newest heartbeat or vote request
+  that a majority (itself included) promised on, for lease_timeout * (1 - max_drift). The
+  send precedes every receipt, and a clock running up to max_drift faster or slower cannot
+  make the shortened lease outlast any promise it is based on.
+* A new leader needs a majority of votes; that majority shares a node with the majority
+  behind any older lease, and that node votes only once its promise has run out, which is
+  after the older lease has run out. So two leases never overlap in real time. Terms order
+  messages and let a voter vote once per term; safety does not rest on them, which is why
+  no disk state is needed: a restarted node casts no vote for one lease_timeout instead.
+* `role_at(now)` re-checks the lease, so a node woken from a pause past its lease never
+  answers "leader", whatever it has not yet processed.
+
+Liveness and priority: a node stands only when it is viable (eligible, healthy, sees a
+majority), holds no promise, sees no live viable lower id, and sees no live peer that
+follows a leader; voters apply the same priority test, so the lowest viable id wins.
+A leader hands over on purpose with `Resign`, which lets followers release their promise
+at once; pre-emption by a returning lower id goes through the same hand-over, but only
+after that node has been viable for preempt_delay.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from dataclasses import dataclass, field
+
+from sidecar.messages import Ack, Heartbeat, Message, Resign, VoteRequest, VoteResponse
+
+#: How many heartbeat send times a node remembers, to match acks and measure RTT.
+_SENT_HISTORY = 64
+
+
+class Role(enum.StrEnum):
+    FOLLOWER = "follower"
+    CANDIDATE = "candidate"
+    LEADER = "leader"
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One cluster member as listed in config: its id and whether it may ever lead."""
+
+    id: int
+    eligible: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """Every duration the election uses, in seconds. Profiles live in `config.py`."""
+
+    heartbeat_interval: float = 0.1
+    peer_timeout: float = 0.5
+    lease_timeout: float = 0.6
+    max_drift: float = 0.1
+    vote_retry_interval: float = 0.025
+    election_round: float = 0.3
+    preempt: bool = True
+    preempt_delay: float = 30.0
+
+    def problems(self) -> list[str]:
+        """Every way these timings break the protocol's assumptions, as messages naming keys."""
+        found: list[str] = []
+        for name in (
+            "heartbeat_interval",
+            "peer_timeout",
+            "lease_timeout",
+            "election_round",
+            "vote_retry_interval",
+        ):
+            if getattr(self, name) <= 0:
+                found.append(f"{name} must be > 0")
+        if not 0 <= self.max_drift < 0.5:
+            found.append("max_drift must be in [0, 0.5)")
+        if self.preempt_delay < 0:
+            found.append("preempt_delay must be >= 0")
+        if self.peer_timeout < 2 * self.heartbeat_interval:
+            found.append("peer_timeout must be at least 2 x heartbeat_interval")
+        if self.lease_timeout * (1 - self.max_drift) <= self.heartbeat_interval:
+            found.append("lease_timeout x (1 - max_drift) must exceed heartbeat_interval")
+        if self.lease_timeout < self.peer_timeout:
+            found.append("lease_timeout must be >= peer_timeout")
+        return found
+
+
+# ---------------------------------------------------------------------------- outputs
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    to: int
+    msg: Message
+
+
+@dataclass(frozen=True, slots=True)
+class GainedLeadership:
+    term: int
+    at: float
+    lease_until: float
+
+
+@dataclass(frozen=True, slots=True)
+class LostLeadership:
+    term: int
+    at: float
+    reason: str
+    #: When the lease really ended; before `at` when the node noticed late (after a pause).
+    lease_ended_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class LeaderChanged:
+    term: int
+    at: float
+    previous: int | None
+    current: int | None
+
+
+Event = GainedLeadership | LostLeadership | LeaderChanged
+
+
+@dataclass(slots=True)
+class Ready:
+    """What one call into the core produced: packets to send and events to publish."""
+
+    sends: list[Outgoing] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------- views
+
+
+@dataclass(slots=True)
+class PeerState:
+    """What this node knows of one peer, from the peer's own heartbeats."""
+
+    id: int
+    eligible: bool  # from config: a peer cannot promote itself by claiming eligibility
+    last_heard: float | None = None
+    term: int = 0
+    leader_id: int | None = None
+    leading: bool = False
+    healthy: bool = False
+    viable: bool = False
+    ready_to_preempt: bool = False
+    rtt: float | None = None
+
+    def alive(self, now: float, peer_timeout: float) -> bool:
+        return self.last_heard is not None and now - self.last_heard < peer_timeout
+
+
+@dataclass(frozen=True, slots=True)
+class PeerView:
+    id: int
+    alive: bool
+    eligible: bool
+    healthy: bool
+    viable: bool
+    last_heard_age: float | None
+    rtt: float | None
+    term: int
+    leader_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """A snapshot for /status and metrics, evaluated at one instant."""
+
+    node_id: int
+    role: Role
+    term: int
+    leader_id: int | None
+    eligible: bool
+    healthy: bool
+    viable: bool
+    lease_remaining: float | None
+    promise_to: int | None
+    promise_remaining: float | None
+    in_startup_quiet: bool
+    peers: tuple[PeerView, ...]
+
+
+# ---------------------------------------------------------------------------- the core
+
+
+class Election:
+    """One node's view of the election. Feed it with `step`/`tick`; read `role_at`/`view`."""
+
+    def __init__(
+        self,
+        node_id: int,
+        members: list[Member],
+        timing: Timing,
+        now: float,
+        rng: random.Random,
+        *,
+        healthy: bool = True,
+    ) -> None:
+        ids = [m.id for m in members]
+        if len(ids) != len(set(ids)):
+            raise ValueError("member ids must be unique")
+        me = [m for m in members if m.id == node_id]
+        if not me:
+            raise ValueError(f"node {node_id} is not among the members")
+        problems = timing.problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.node_id = node_id
+        self.eligible = me[0].eligible
+        self.timing = timing
+        self.quorum = len(members) // 2 + 1
+        self._rng = rng
+        self.peers: dict[int, PeerState] = {
+            m.id: PeerState(m.id, m.eligible) for m in members if m.id != node_id
+        }
+        self.healthy = healthy
+        self.stopping = False
+        self.term = 0
+        self.role = Role.FOLLOWER
+        # No vote for one lease after start: this replaces a persisted vote.
+        self.quiet_until = now + timing.lease_timeout
+        self._voted_term = -1
+        self._voted_for: int | None = None
+        self._promise_to: int | None = None
+        self._promise_until = float("-inf")
+        self._follow: int | None = None  # the leader whose heartbeat we accepted
+        self._follow_until = float("-inf")
+        self._lease_until = float("-inf")
+        self._seq = 0
+        self._sent: dict[int, float] = {}  # seq -> send time (heartbeats and vote requests)
+        self._promised_at: dict[int, float] = {}  # peer -> send time it promised on (this stint)
+        self._round_until = float("-inf")
+        self._next_vote_send = float("-inf")
+        self._next_heartbeat = now
+        self._viable_since: float | None = None
+        self._announced_leader: int | None = None
+        self._announced_viable = False
+
+    # ------------------------------------------------------------------ public inputs
+
+    def step(self, sender: int, msg: Message, now: float) -> Ready:
+        """Process one authenticated message from `sender` (a known peer)."""
+        ready = Ready()
+        peer = self.peers.get(sender)
+        if peer is None:
+            return ready  # protocol.py already drops unknown senders; be safe anyway
+        self._expire(now, ready)
+        peer.last_heard = now
+        if msg.term > self.term:
+            self._adopt_term(msg.term, sender)
+        match msg:
+            case Heartbeat():
+                self._on_heartbeat(peer, msg, now, ready)
+            case Ack():
+                self._on_ack(peer, msg, now, ready)
+            case VoteRequest():
+                self._on_vote_request(peer, msg, now, ready)
+            case VoteResponse():
+                self._on_vote_response(peer, msg, now, ready)
+            case Resign():
+                self._on_resign(peer, msg, now)
+        self._advance(now, ready)
+        return ready
+
+    def tick(self, now: float) -> Ready:
+        """Let time pass: expire leases and promises, send heartbeats, stand for election."""
+        ready = Ready()
+        self._expire(now, ready)
+        self._advance(now, ready)
+        return ready
+
+    def set_healthy(self, healthy: bool, now: float) -> Ready:
+        """The local service's health changed (after the health checker's hysteresis)."""
+        self.healthy = healthy
+        return self.tick(now)
+
+    def resign(self, now: float, reason: str) -> Ready:
+        """Stop leading now and tell everyone, so they need not wait for the lease to lapse."""
+        ready = Ready()
+        self._expire(now, ready)
+        if self.role is Role.LEADER:
+            self._step_down(now, reason, ready, lease_ended_at=now)
+            for peer_id in self.peers:
+                # Twice: a lost Resign costs a full timeout; a duplicate costs nothing.
+                for _ in range(2):
+                    ready.sends.append(Outgoing(peer_id, Resign(self.term, reason)))
+        self._advance(now, ready)
+        return ready
+
+    def shutdown(self, now: float) -> Ready:
+        """Leave for good: resign if leading, and never stand or lead again."""
+        self.stopping = True
+        return self.resign(now, "shutdown")
+
+    # ------------------------------------------------------------------ public queries
+
+    def role_at(self, now: float) -> Role:
+        """The role as of `now`; a leader whose lease has lapsed is a follower, even unticked."""
+        if self.role is Role.LEADER and now >= self._lease_until:
+            return Role.FOLLOWER
+        return self.role
+
+    def leader_at(self, now: float) -> int | None:
+        """Whom this node believes leads at `now` (itself included), or None."""
+        if self.role_at(now) is Role.LEADER:
+            return self.node_id
+        if self._follow is not None and now < self._follow_until:
+            return self._follow
+        return None
+
+    def lease_until(self) -> float | None:
+        return self._lease_until if self.role is Role.LEADER else None
+
+    def next_deadline(self, now: float) -> float:
+        """The earliest future time at which `tick` could change something."""
+        t = self.timing
+        candidates = [self._next_heartbeat]
+        if self.role is Role.LEADER:
+            candidates.append(self._lease_until)
+        if self.role is Role.CANDIDATE:
+            candidates += [self._next_vote_send, self._round_until]
+        candidates += [self._promise_until, self._follow_until, self.quiet_until]
+        for peer in self.peers.values():
+            if peer.last_heard is not None:
+                candidates.append(peer.last_heard + t.peer_timeout)
+        if self._viable_since is not None and t.preempt:
+            candidates.append(self._viable_since + t.preempt_delay)
+        future = [c for c in candidates if c > now]
+        return min(future) if future else now + t.heartbeat_interval
+
+    def view(self, now: float) -> View:
+        t = self.timing
+        role = self.role_at(now)
+        promise_active = now < self._promise_until
+        return View(
+            node_id=self.node_id,
+            role=role,
+            term=self.term,
+            leader_id=self.leader_at(now),
+            eligible=self.eligible,
+            healthy=self.healthy,
+            viable=self._viable(now),
+            lease_remaining=(self._lease_until - now) if role is Role.LEADER else None,
+            promise_to=self._promise_to if promise_active else None,
+            promise_remaining=(self._promise_until - now) if promise_active else None,
+            in_startup_quiet=now < self.quiet_until,
+            peers=tuple(
+                PeerView(
+                    id=p.id,
+                    alive=p.alive(now, t.peer_timeout),
+                    eligible=p.eligible,
+                    healthy=p.healthy,
+                    viable=p.viable,
+                    last_heard_age=None if p.last_heard is None else now - p.last_heard,
+                    rtt=p.rtt,
+                    term=p.term,
+                    leader_id=p.leader_id,
+                )
+                for p in sorted(self.peers.values(), key=lambda p: p.id)
+            ),
+        )
+
+    # ------------------------------------------------------------------ message handlers
+
+    def _on_heartbeat(self, peer: PeerState, msg: Heartbeat, now: float, ready: Ready) -> None:
+        peer.term = msg.term
+        peer.leader_id = msg.leader_id
+        peer.leading = msg.leading
+        peer.healthy = msg.healthy
+        # A witness cannot make itself a candidate by saying so: config decides eligibility.
+        peer.viable = msg.viable and peer.eligible
+        peer.ready_to_preempt = msg.ready_to_preempt and peer.viable
+        promised = msg.leading and self._accept_leader(peer.id, now)
+        if promised:
+            self._promise_to = peer.id
+            self._promise_until = now + self.timing.lease_timeout
+            self._follow = peer.id
+            self._follow_until = self._promise_until
+            if self.role is Role.CANDIDATE:
+                self._abandon_round()
+        ready.sends.append(Outgoing(peer.id, Ack(self.term, msg.seq, promised)))
+
+    def _accept_leader(self, leader: int, now: float) -> bool:
+        """May we promise to `leader`? Not while leading ourselves or promised to another."""
+        if self.role_at(now) is Role.LEADER:
+            return False
+        return not (now < self._promise_until and self._promise_to != leader)
+
+    def _on_ack(self, peer: PeerState, msg: Ack, now: float, ready: Ready) -> None:
+        sent_at = self._sent.get(msg.seq)
+        if sent_at is None:
+            return
+        peer.rtt = now - sent_at
+        if msg.promised and self.role is Role.LEADER:
+            self._record_promise(peer.id, sent_at, now)
+
+    def _on_vote_request(self, peer: PeerState, msg: VoteRequest, now: float, ready: Ready) -> None:
+        reason = self._refusal(peer, msg.term, now)
+        granted = reason is None
+        if granted:
+            self._voted_term = msg.term
+            self._voted_for = peer.id
+            self._promise_to = peer.id
+            self._promise_until = now + self.timing.lease_timeout
+        ready.sends.append(
+            Outgoing(peer.id, VoteResponse(self.term, msg.seq, granted, reason or "granted"))
+        )
+
+    def _refusal(self, candidate: PeerState, term: int, now: float) -> str | None:
+        """Why we will not vote for `candidate` in `term`, or None to grant."""
+        if term < self.term:
+            return "stale_term"
+        if not candidate.eligible:
+            return "not_eligible"
+        if now < self.quiet_until:
+            return "startup_quiet"
+        if self.role_at(now) is Role.LEADER:
+            return "i_lead"
+        if self._voted_term == term and self._voted_for != candidate.id:
+            return "already_voted"
+        if now < self._promise_until and self._promise_to != candidate.id:
+            return "promised"
+        if self._viable(now) and self.node_id < candidate.id:
+            return "lower_id_viable"
+        for other in self.peers.values():
+            if (
+                other.id < candidate.id
+                and other.viable
+                and other.alive(now, self.timing.peer_timeout)
+            ):
+                return "lower_id_viable"
+        return None
+
+    def _on_vote_response(
+        self, peer: PeerState, msg: VoteResponse, now: float, ready: Ready
+    ) -> None:
+        sent_at = self._sent.get(msg.seq)
+        if sent_at is not None:
+            peer.rtt = now - sent_at
+        if self.role is not Role.CANDIDATE or msg.term != self.term or not msg.granted:
+            return
+        if sent_at is None:
+            return
+        self._promised_at[peer.id] = max(self._promised_at.get(peer.id, sent_at), sent_at)
+        lease_start = self._majority_promise_time(now)
+        if lease_start is not None:
+            self._become_leader(now, lease_start, ready)
+
+    def _on_resign(self, peer: PeerState, msg: Resign, now: float) -> None:
+        peer.leading = False
+        peer.viable = False
+        peer.ready_to_preempt = False
+        peer.leader_id = None
+        if self._promise_to == peer.id:
+            self._promise_until = now
+        if self._follow == peer.id:
+            self._follow_until = now
+
+    # ------------------------------------------------------------------ transitions
+
+    def _adopt_term(self, term: int, sender: int) -> None:
+        self.term = term
+        if self.role is Role.CANDIDATE:
+            # Someone is further along; our round is void. We stand again if still first.
+            self._abandon_round()
+
+    def _expire(self, now: float, ready: Ready) -> None:
+        if self.role is Role.LEADER and now >= self._lease_until:
+            self._step_down(now, "lease_expired", ready, lease_ended_at=self._lease_until)
+        if self.role is Role.CANDIDATE and now >= self._round_until:
+            self._abandon_round()
+
+    def _advance(self, now: float, ready: Ready) -> None:
+        """Everything that follows from the current state at `now`, in one place."""
+        viable = self._viable(now)
+        if viable and self._viable_since is None:
+            self._viable_since = now
+        elif not viable:
+            self._viable_since = None
+
+        if self.role is Role.LEADER:
+            self._consider_handover(now, ready)
+        if self.role is Role.FOLLOWER and self._should_stand(now):
+            self._stand(now, ready)
+        if self.role is Role.CANDIDATE and now >= self._next_vote_send:
+            self._send_vote_requests(now, ready)
+
+        leader = self.leader_at(now)
+        changed = leader != self._announced_leader or viable != self._announced_viable
+        if leader != self._announced_leader:
+            ready.events.append(LeaderChanged(self.term, now, self._announced_leader, leader))
+            self._announced_leader = leader
+        self._announced_viable = viable
+        # Tell peers at once when what we report changes: it saves them a heartbeat
+        # interval when a leader is lost or a node becomes able to stand.
+        if changed or now >= self._next_heartbeat:
+            self._send_heartbeats(now, ready)
+
+    def _viable(self, now: float) -> bool:
+        if not (self.eligible and self.healthy) or self.stopping:
+            return False
+        alive = sum(1 for p in self.peers.values() if p.alive(now, self.timing.peer_timeout))
+        return 1 + alive >= self.quorum
+
+    def _should_stand(self, now: float) -> bool:
+        t = self.timing
+        if now < self.quiet_until or not self._viable(now):
+            return False
+        if now < self._promise_until:
+            return False
+        for peer in self.peers.values():
+            if not peer.alive(now, t.peer_timeout):
+                continue
+            if peer.viable and peer.id < self.node_id:
+                return False
+            # A live peer that still follows someone else would refuse us; standing anyway
+            # only inflates terms (the "disruptive server" problem), so wait for it.
+            if peer.leader_id is not None and peer.leader_id != self.node_id:
+                return False
+        return True
+
+    def _stand(self, now: float, ready: Ready) -> None:
+        highest_seen = max([self.term, *(p.term for p in self.peers.values())])
+        self.term = highest_seen + 1
+        self.role = Role.CANDIDATE
+        self._voted_term = self.term
+        self._voted_for = self.node_id
+        self._promised_at.clear()
+        # A little jitter keeps two unlucky candidates from colliding round after round.
+        self._round_until = now + self.timing.election_round * (1 + 0.2 * self._rng.random())
+        self._next_vote_send = now
+        if self.quorum == 1:
+            self._become_leader(now, now, ready)
+
+    def _abandon_round(self) -> None:
+        """Give up a candidacy; late votes for it are ignored, so it can never yield a lease."""
+        self.role = Role.FOLLOWER
+        self._promised_at.clear()
+
+    def _send_vote_requests(self, now: float, ready: Ready) -> None:
+        seq = self._next_seq(now)
+        for peer_id in self.peers:
+            ready.sends.append(Outgoing(peer_id, VoteRequest(self.term, seq)))
+        self._next_vote_send = now + self.timing.vote_retry_interval
+
+    def _become_leader(self, now: float, lease_start: float, ready: Ready) -> None:
+        self.role = Role.LEADER
+        self._lease_until = self._lease_end(lease_start)
+        self._follow = None
+        ready.events.append(GainedLeadership(self.term, now, self._lease_until))
+        self._next_heartbeat = now  # establish every follower's promise at once
+
+    def _step_down(self, now: float, reason: str, ready: Ready, *, lease_ended_at: float) -> None:
+        self.role = Role.FOLLOWER
+        self._lease_until = float("-inf")
+        self._promised_at.clear()
+        ready.events.append(LostLeadership(self.term, now, reason, lease_ended_at))
+
+    def _consider_handover(self, now: float, ready: Ready) -> None:
+        """Resign for a better leader: a ready lower id (bully), or any viable peer if sick."""
+        t = self.timing
+        live_viable = [p for p in self.peers.values() if p.viable and p.alive(now, t.peer_timeout)]
+        reason = None
+        if any(p.id < self.node_id and p.ready_to_preempt for p in live_viable):
+            reason = "preempted"
+        elif not self.healthy and live_viable:
+            reason = "unhealthy"
+        if reason is None:
+            return
+        self._step_down(now, reason, ready, lease_ended_at=now)
+        for peer_id in self.peers:
+            for _ in range(2):
+                ready.sends.append(Outgoing(peer_id, Resign(self.term, reason)))
+
+    # ------------------------------------------------------------------ heartbeats & leases
+
+    def _send_heartbeats(self, now: float, ready: Ready) -> None:
+        leading = self.role_at(now) is Role.LEADER
+        seq = self._next_seq(now)
+        if leading and self.quorum == 1:
+            self._lease_until = self._lease_end(now)
+        msg = Heartbeat(
+            term=self.term,
+            seq=seq,
+            leader_id=self.leader_at(now),
+            leading=leading,
+            eligible=self.eligible,
+            healthy=self.healthy,
+            viable=self._viable(now),
+            ready_to_preempt=self._ready_to_preempt(now),
+        )
+        for peer_id in self.peers:
+            ready.sends.append(Outgoing(peer_id, msg))
+        self._next_heartbeat = now + self.timing.heartbeat_interval
+
+    def _ready_to_preempt(self, now: float) -> bool:
+        t = self.timing
+        return (
+            t.preempt
+            and self.role is not Role.LEADER
+            and now >= self.quiet_until
+            and self._viable_since is not None
+            and now - self._viable_since >= t.preempt_delay
+        )
+
+    def _next_seq(self, now: float) -> int:
+        self._seq += 1
+        self._sent[self._seq] = now
+        if len(self._sent) > _SENT_HISTORY:
+            del self._sent[min(self._sent)]
+        return self._seq
+
+    def _record_promise(self, peer_id: int, sent_at: float, now: float) -> None:
+        self._promised_at[peer_id] = max(self._promised_at.get(peer_id, sent_at), sent_at)
+        lease_start = self._majority_promise_time(now)
+        if lease_start is not None:
+            self._lease_until = max(self._lease_until, self._lease_end(lease_start))
+
+    def _majority_promise_time(self, now: float) -> float | None:
+        """The newest send time that a majority (with us) has promised on, if any."""
+        needed = self.quorum - 1
+        if needed == 0:
+            return now
+        times = sorted(self._promised_at.values(), reverse=True)
+        return times[needed - 1] if len(times) >= needed else None
+
+    def _lease_end(self, lease_start: float) -> float:
+        return lease_start + self.timing.lease_timeout * (1 - self.timing.max_drift)
