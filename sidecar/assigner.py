@@ -1,0 +1,502 @@
+"""Leader-only reconciler: make the reserved IP point at this droplet, and keep it there.
+
+The assigner acts on the *current* state, never on counting events: whenever this node
+leads, it reads who holds the IP and, if it is not this droplet, assigns it here (an assign
+moves the IP directly, so it never unassigns first), follows the action to its end, and
+then re-reads every `reconcile_interval` (jittered) to put the IP back if anything moved
+it, which also repairs a late request from a previous leader.
+
+Leadership reaches it through the `LeadershipView` seam: `wait_until_leader()` returns a
+trio cancel scope that the node cancels the instant leadership is lost, so every request
+in flight is abandoned at once. Because a paused process (SIGSTOP, GC, starved CPU) can
+wake up inside that scope before the node has noticed its lease ran out, the assigner
+also asks `is_leader()` (evaluated against the clock right then) immediately before every
+assignment, with no await in between.
+
+Errors never crash the node: network errors and 5xx back off exponentially with full
+jitter; 422 (an action in progress) waits a few seconds; 429 waits as long as the API
+says; 401/403/404 are configuration problems, logged at ERROR and retried slowly so an
+operator can fix the token without restarting. Independently of all that, a sliding-window
+request budget keeps one node well below DigitalOcean's per-token limits (250/minute,
+5,000/hour) even in a failure storm: a request waits for room in the budget rather than
+exceed it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import NoReturn, Protocol, TypeVar
+
+import msgspec
+import trio
+
+from sidecar.digitalocean import (
+    Action,
+    NotFound,
+    ProviderError,
+    RateLimited,
+    ReservedIP,
+    Unauthorized,
+    Unprocessable,
+)
+
+logger = logging.getLogger(__name__)
+
+_Result = TypeVar("_Result", ReservedIP, Action)
+
+# DigitalOcean's published per-token limits; a node's budget may not exceed them.
+DO_REQUESTS_PER_MINUTE = 250
+DO_REQUESTS_PER_HOUR = 5000
+
+
+class LeadershipView(Protocol):
+    """What the assigner needs to know about leadership (node.py implements it)."""
+
+    def is_leader(self) -> bool:
+        """Whether this node leads, evaluated against the clock right now."""
+        ...
+
+    async def wait_until_leader(self) -> trio.CancelScope:
+        """Return when this node gains leadership.
+
+        The returned scope is cancelled by the node the instant leadership is lost (it may
+        already be cancelled by the time the caller enters it).
+        """
+        ...
+
+
+class ReservedIPProvider(Protocol):
+    """The provider calls the assigner uses; `DigitalOceanClient` implements them."""
+
+    async def get_reserved_ip(self, ip: str) -> ReservedIP: ...
+
+    async def assign(self, ip: str, droplet_id: int) -> Action: ...
+
+    async def get_ip_action(self, ip: str, action_id: int, *, fallback: bool = True) -> Action: ...
+
+    async def get_action(self, action_id: int) -> Action: ...
+
+
+class AssignerObserver(Protocol):
+    """Metrics hooks (the lead wires Prometheus counters and histograms to these)."""
+
+    def api_request(self, endpoint: str, status: str) -> None:
+        """One API request finished; `status` is the HTTP code as text or `network_error`."""
+        ...
+
+    def assignment_finished(self, seconds: float, outcome: str) -> None:
+        """An assignment ended; outcome is completed/errored/timeout/unknown/failed/cancelled."""
+        ...
+
+
+class AssignerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    """The `[assigner]` config section. Durations are seconds.
+
+    - `reconcile_interval`: how often a leader re-reads the IP to repair a move; each wait
+      is scaled by a random factor in `1 ± reconcile_jitter`.
+    - `action_poll_interval`: how often an assign action is polled until it ends.
+    - `action_timeout`: give up following one action after this long, re-read and retry.
+    - `backoff_base_delay`, `backoff_max_delay`: network errors and 5xx wait a uniformly
+      random time in [0, min(max, base * 2**(failures - 1))] ("full jitter").
+    - `unprocessable_delay`: after a 422 or while the IP is locked by an action, wait a
+      random time in [d, 1.5 d] before re-reading.
+    - `config_error_retry_interval`: after 401/403/404 (a config problem), retry this slowly.
+    - `rate_limit_max_delay`: the longest wait a 429's headers can impose.
+    - `cooloff_interval`: the least time between the starts of two assignments (the first
+      one after gaining leadership is exempt), so two confused nodes cannot ping-pong fast.
+    - `requests_per_minute`, `requests_per_hour`: this node's request budget, a share of
+      DigitalOcean's 250/minute and 5,000/hour per token (shared by the whole cluster).
+    """
+
+    reconcile_interval: float = 10.0
+    reconcile_jitter: float = 0.2
+    action_poll_interval: float = 1.0
+    action_timeout: float = 90.0
+    backoff_base_delay: float = 0.5
+    backoff_max_delay: float = 10.0
+    unprocessable_delay: float = 2.0
+    config_error_retry_interval: float = 60.0
+    rate_limit_max_delay: float = 3600.0
+    cooloff_interval: float = 5.0
+    requests_per_minute: int = 60
+    requests_per_hour: int = 1200
+
+    def __post_init__(self) -> None:
+        positive = {
+            "reconcile_interval": self.reconcile_interval,
+            "action_poll_interval": self.action_poll_interval,
+            "action_timeout": self.action_timeout,
+            "backoff_base_delay": self.backoff_base_delay,
+            "backoff_max_delay": self.backoff_max_delay,
+            "unprocessable_delay": self.unprocessable_delay,
+            "config_error_retry_interval": self.config_error_retry_interval,
+            "rate_limit_max_delay": self.rate_limit_max_delay,
+        }
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0")
+        if not 0 <= self.reconcile_jitter <= 0.5:
+            raise ValueError("reconcile_jitter must be between 0 and 0.5")
+        if self.cooloff_interval < 0:
+            raise ValueError("cooloff_interval must be >= 0")
+        if self.backoff_max_delay < self.backoff_base_delay:
+            raise ValueError("backoff_max_delay must be >= backoff_base_delay")
+        if not 1 <= self.requests_per_minute <= DO_REQUESTS_PER_MINUTE:
+            raise ValueError(f"requests_per_minute must be between 1 and {DO_REQUESTS_PER_MINUTE}")
+        if not 1 <= self.requests_per_hour <= DO_REQUESTS_PER_HOUR:
+            raise ValueError(f"requests_per_hour must be between 1 and {DO_REQUESTS_PER_HOUR}")
+        if self.requests_per_hour < self.requests_per_minute:
+            raise ValueError("requests_per_hour must be >= requests_per_minute")
+
+
+class RequestBudget:
+    """At most `per_minute` requests in any 60 s and `per_hour` in any 3600 s (trio time).
+
+    A sliding-window log rather than a token bucket: a bucket refilling at N/minute still
+    lets 2N through in some 60 s window (a full bucket, then the refill), while this bound
+    holds for every window, which is what DigitalOcean counts. It costs one float per
+    request of the last hour (at most `per_hour` of them).
+    """
+
+    MINUTE = 60.0
+    HOUR = 3600.0
+
+    def __init__(self, per_minute: int, per_hour: int) -> None:
+        if per_minute < 1 or per_hour < 1:
+            raise ValueError("a request budget needs at least one request per window")
+        self.per_minute = per_minute
+        self.per_hour = per_hour
+        self._sent: deque[float] = deque()
+
+    def _forget_old(self, now: float) -> None:
+        while self._sent and self._sent[0] <= now - self.HOUR:
+            self._sent.popleft()
+
+    def _in_last_minute(self, now: float) -> int:
+        count = 0
+        for sent_at in reversed(self._sent):
+            if sent_at <= now - self.MINUTE or count >= self.per_minute:
+                break
+            count += 1
+        return count
+
+    def wait_needed(self, now: float) -> float:
+        """Seconds until one more request fits both windows (0 when it fits now)."""
+        self._forget_old(now)
+        wait = 0.0
+        if len(self._sent) >= self.per_hour:
+            wait = self._sent[-self.per_hour] + self.HOUR - now
+        if self._in_last_minute(now) >= self.per_minute:
+            wait = max(wait, self._sent[-self.per_minute] + self.MINUTE - now)
+        return max(0.0, wait)
+
+    async def acquire(self) -> None:
+        """Wait until a request fits the budget, then count it as sent."""
+        while True:
+            now = trio.current_time()
+            wait = self.wait_needed(now)
+            if wait <= 0:
+                self._sent.append(now)
+                return
+            await trio.sleep(wait)
+
+    def used(self) -> tuple[int, int]:
+        """(requests in the last minute, requests in the last hour)."""
+        now = trio.current_time()
+        self._forget_old(now)
+        return self._in_last_minute(now), len(self._sent)
+
+
+class AssignmentRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One assignment: wall-clock start/finish (epoch seconds), duration and outcome."""
+
+    started_at: float
+    finished_at: float | None = None
+    duration_seconds: float | None = None
+    outcome: str = "in-progress"
+    action_id: int | None = None
+
+
+class ErrorRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """The last provider error: its type, its (token-free) message and HTTP status."""
+
+    type: str
+    message: str
+    status: int | None
+    at: float
+
+
+class AssignerSnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """What `/status` shows about the IP. Times are epoch seconds."""
+
+    reserved_ip: str
+    droplet_id: int
+    leading: bool
+    holder_droplet_id: int | None
+    holder_read_at: float | None
+    locked: bool | None
+    last_assignment: AssignmentRecord | None
+    last_error: ErrorRecord | None
+    consecutive_failures: int
+    requests_last_minute: int
+    requests_last_hour: int
+
+
+class _FollowResult(msgspec.Struct, frozen=True):
+    outcome: str
+
+
+class Assigner:
+    """Points `reserved_ip` at `droplet_id` while `leadership` says this node leads.
+
+    `rng` drives every jitter (inject a seeded one for reproducible tests);
+    `wall_clock` stamps the snapshot's times; `budget` may be shared with other users of
+    the same token on this node.
+    """
+
+    def __init__(
+        self,
+        client: ReservedIPProvider,
+        reserved_ip: str,
+        droplet_id: int,
+        leadership: LeadershipView,
+        settings: AssignerSettings,
+        rng: random.Random,
+        observer: AssignerObserver | None = None,
+        *,
+        budget: RequestBudget | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        if droplet_id <= 0:
+            raise ValueError("droplet_id must be a positive integer")
+        self._client = client
+        self._ip = reserved_ip
+        self._droplet_id = droplet_id
+        self._leadership = leadership
+        self._settings = settings
+        self._rng = rng
+        self._observer = observer
+        self._budget = budget or RequestBudget(
+            settings.requests_per_minute, settings.requests_per_hour
+        )
+        self._wall_clock = wall_clock
+        self._log_fields = {"reserved_ip": reserved_ip, "droplet_id": droplet_id}
+        # State for /status.
+        self._leading = False
+        self._holder: ReservedIP | None = None
+        self._holder_read_at: float | None = None
+        self._last_assignment: AssignmentRecord | None = None
+        self._last_error: ErrorRecord | None = None
+        self._failures = 0
+
+    # ------------------------------------------------------------------ public
+
+    def snapshot(self) -> AssignerSnapshot:
+        minute, hour = self._budget.used()
+        return AssignerSnapshot(
+            reserved_ip=self._ip,
+            droplet_id=self._droplet_id,
+            leading=self._leading,
+            holder_droplet_id=None if self._holder is None else self._holder.droplet_id,
+            holder_read_at=self._holder_read_at,
+            locked=None if self._holder is None else self._holder.locked,
+            last_assignment=self._last_assignment,
+            last_error=self._last_error,
+            consecutive_failures=self._failures,
+            requests_last_minute=minute,
+            requests_last_hour=hour,
+        )
+
+    async def run(self) -> NoReturn:
+        """Forever: wait for leadership, then reconcile until it is lost."""
+        while True:
+            scope = await self._leadership.wait_until_leader()
+            self._leading = True
+            logger.info("gained leadership: taking the reserved IP", extra=self._log_fields)
+            try:
+                with scope:
+                    await self._lead()
+            finally:
+                self._leading = False
+            logger.info("leadership lost: assigner stopped", extra=self._log_fields)
+            # A misbehaving view returning cancelled scopes in a row must not spin us hot.
+            await trio.lowlevel.checkpoint()
+
+    # ------------------------------------------------------------------ the loop
+
+    async def _lead(self) -> NoReturn:
+        last_assign_started: float | None = None  # None: the first assignment is not delayed
+        while True:
+            try:
+                holder = await self._read_holder()
+            except ProviderError as exc:
+                await trio.sleep(self._delay_after(exc))
+                continue
+            if holder.droplet_id == self._droplet_id:
+                await trio.sleep(self._reconcile_delay())
+                continue
+            if holder.locked:
+                # An action (a previous leader's, or ours) is in flight: a POST would 422.
+                logger.info(
+                    "reserved IP is locked by an action in progress; waiting",
+                    extra={**self._log_fields, "holder": holder.droplet_id},
+                )
+                await trio.sleep(self._unprocessable_delay())
+                continue
+            if last_assign_started is not None:
+                wait = last_assign_started + self._settings.cooloff_interval - trio.current_time()
+                if wait > 0:
+                    await trio.sleep(wait)
+                    continue  # the world may have changed meanwhile: read again
+            await self._budget.acquire()
+            # No await between this check and the request leaving: a paused node must not
+            # act on leadership it held before the pause.
+            if not self._leadership.is_leader():
+                logger.warning(
+                    "not leader by the clock any more; not assigning", extra=self._log_fields
+                )
+                await trio.sleep(self._settings.action_poll_interval)
+                continue
+            last_assign_started = trio.current_time()
+            logger.info(
+                "assigning the reserved IP to this droplet",
+                extra={**self._log_fields, "holder": holder.droplet_id},
+            )
+            try:
+                await self._assign_and_follow()
+            except ProviderError as exc:
+                await trio.sleep(self._delay_after(exc))
+
+    async def _read_holder(self) -> ReservedIP:
+        await self._budget.acquire()
+        holder = await self._request("get_reserved_ip", self._client.get_reserved_ip(self._ip))
+        self._holder = holder
+        self._holder_read_at = self._wall_clock()
+        return holder
+
+    async def _assign_and_follow(self) -> None:
+        """POST the assign (budget already taken) and follow its action to the end."""
+        started = trio.current_time()
+        record = AssignmentRecord(started_at=self._wall_clock())
+        self._last_assignment = record
+        outcome = "cancelled"
+        try:
+            try:
+                action = await self._request(
+                    "assign", self._client.assign(self._ip, self._droplet_id)
+                )
+            except ProviderError:
+                outcome = "failed"
+                raise
+            record = msgspec.structs.replace(record, action_id=action.id)
+            self._last_assignment = record
+            outcome = (await self._follow(action)).outcome
+        finally:
+            duration = trio.current_time() - started
+            self._last_assignment = msgspec.structs.replace(
+                record,
+                finished_at=self._wall_clock(),
+                duration_seconds=duration,
+                outcome=outcome,
+            )
+            if self._observer is not None:
+                self._observer.assignment_finished(duration, outcome)
+        level = logging.INFO if outcome == "completed" else logging.WARNING
+        logger.log(
+            level,
+            "assignment finished",
+            extra={**self._log_fields, "outcome": outcome, "duration_seconds": duration},
+        )
+
+    async def _follow(self, action: Action) -> _FollowResult:
+        """Poll the action until it ends, it vanishes (404) or `action_timeout` passes."""
+        with trio.move_on_after(self._settings.action_timeout):
+            while not action.done:
+                await trio.sleep(self._settings.action_poll_interval)
+                try:
+                    action = await self._poll_action(action.id)
+                except NotFound:
+                    # Some actions are not (yet) visible by id; the IP itself is the truth.
+                    return _FollowResult("unknown")
+                except ProviderError as exc:
+                    await trio.sleep(self._delay_after(exc))
+            return _FollowResult(action.status)
+        return _FollowResult("timeout")
+
+    async def _poll_action(self, action_id: int) -> Action:
+        await self._budget.acquire()
+        try:
+            return await self._request(
+                "get_ip_action", self._client.get_ip_action(self._ip, action_id, fallback=False)
+            )
+        except NotFound:
+            await self._budget.acquire()
+            return await self._request("get_action", self._client.get_action(action_id))
+
+    # ------------------------------------------------------------------ helpers
+
+    async def _request(self, endpoint: str, call: Awaitable[_Result]) -> _Result:
+        """Await one provider call, telling the observer its status, and count failures."""
+        try:
+            result = await call
+        except ProviderError as exc:
+            if self._observer is not None:
+                self._observer.api_request(endpoint, exc.status_label)
+            raise
+        self._failures = 0
+        if self._observer is not None:
+            self._observer.api_request(endpoint, str(result.http_status))
+        return result
+
+    def _delay_after(self, exc: ProviderError) -> float:
+        """Record the error, log it, and say how long to wait before trying again."""
+        self._failures += 1
+        self._last_error = ErrorRecord(
+            type=type(exc).__name__, message=str(exc), status=exc.status, at=self._wall_clock()
+        )
+        fields = {
+            **self._log_fields,
+            "error_type": type(exc).__name__,
+            "status": exc.status_label,
+            "reason": str(exc),
+            "consecutive_failures": self._failures,
+        }
+        settings = self._settings
+        if isinstance(exc, Unauthorized | NotFound):
+            what = "token rejected" if isinstance(exc, Unauthorized) else "not found"
+            logger.error(
+                f"DigitalOcean API: {what}; check the token, reserved IP and droplet id "
+                f"(retrying every {settings.config_error_retry_interval:g} s)",
+                extra=fields,
+            )
+            return settings.config_error_retry_interval
+        if isinstance(exc, Unprocessable):
+            logger.warning("DigitalOcean API: 422, an action is in progress; waiting", extra=fields)
+            return self._unprocessable_delay()
+        if isinstance(exc, RateLimited) and exc.retry_after is not None:
+            delay = min(exc.retry_after, settings.rate_limit_max_delay)
+            logger.warning(
+                "DigitalOcean API: rate limited; waiting", extra={**fields, "delay": delay}
+            )
+            return delay
+        ceiling = min(
+            settings.backoff_max_delay,
+            settings.backoff_base_delay * 2 ** min(self._failures - 1, 30),
+        )
+        delay = self._rng.uniform(0.0, ceiling)
+        logger.warning(
+            "DigitalOcean API request failed; backing off", extra={**fields, "delay": delay}
+        )
+        return delay
+
+    def _reconcile_delay(self) -> float:
+        jitter = self._settings.reconcile_jitter
+        return self._settings.reconcile_interval * self._rng.uniform(1 - jitter, 1 + jitter)
+
+    def _unprocessable_delay(self) -> float:
+        base = self._settings.unprocessable_delay
+        return self._rng.uniform(base, 1.5 * base)
