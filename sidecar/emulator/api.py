@@ -1,0 +1,236 @@
+"""The `/v2/` API: reserved IPs (and their legacy `floating_ips` alias) and actions.
+
+Every request passes one gate, in the real API's order as far as a client can tell:
+injected outage and latency, then the per-token rate limit (429), then the bearer token
+(401), then injected random errors, then the route. Every answer, errors included,
+carries the `ratelimit-*` headers, and every error body is `{id, message, request_id}`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from . import render
+from .emulator import Emulator
+from .faults import ERROR_IDS
+from .state import ActionKind, EmulatorError
+
+JSON_TYPE = "application/json; charset=utf-8"
+ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+Handler = Callable[[Request], Awaitable[tuple[int, dict[str, Any]]]]
+
+
+def json_response(status: int, body: dict[str, Any], headers: dict[str, str]) -> Response:
+    return Response(
+        json.dumps(body, separators=(",", ":")),
+        status_code=status,
+        headers=headers,
+        media_type=JSON_TYPE,
+    )
+
+
+def bearer_token(request: Request) -> str:
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    return credentials.strip() if scheme.lower() == "bearer" else ""
+
+
+def page_params(request: Request) -> tuple[int, int]:
+    """`page` and `per_page` as the real API reads them (per_page 1..200, default 20)."""
+    try:
+        page = int(request.query_params.get("page", "1"))
+        per_page = int(request.query_params.get("per_page", "20"))
+    except ValueError:
+        raise EmulatorError(400, "bad_request", "page and per_page must be integers") from None
+    return max(1, page), min(200, max(1, per_page))
+
+
+class Gate:
+    """Outage, latency, rate limit, auth and random errors around every API handler."""
+
+    def __init__(self, emulator: Emulator) -> None:
+        self.emulator = emulator
+
+    def wrap(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            response = await self._answer(request, handler)
+            self.emulator.requests.record(request.method, request.url.path, response.status_code)
+            return response
+
+        return endpoint
+
+    async def _answer(self, request: Request, handler: Handler) -> Response:
+        emulator = self.emulator
+        faults = emulator.faults
+        token = bearer_token(request)
+        outage = faults.outage_remaining(emulator.clock())
+        if outage > 0.0:
+            if faults.outage_mode == "hang":
+                await trio.sleep(outage)
+            else:
+                return self._error(token, 503, "service_unavailable", "Service unavailable.")
+        if faults.latency_seconds > 0.0:
+            await trio.sleep(faults.latency_seconds)
+        now = emulator.clock()
+        forced = faults.force_429_remaining(now)
+        if forced > 0.0:
+            decision = emulator.limiter.refuse(token, now, forced)
+        else:
+            decision = emulator.limiter.check(token, now)
+        headers = decision.headers(emulator.state.epoch_of(decision.reset_clock))
+        if not decision.allowed:
+            body = render.error("too_many_requests", "API rate limit exceeded.")
+            return json_response(429, body, headers)
+        if not hmac.compare_digest(token.encode(), emulator.token.encode()):
+            return json_response(
+                401, render.error("unauthorized", "Unable to authenticate you"), headers
+            )
+        if faults.should_fail(emulator.rng):
+            status = faults.error_status
+            body = render.error(ERROR_IDS[status], "Injected server error.")
+            return json_response(status, body, headers)
+        try:
+            status, body = await handler(request)
+        except EmulatorError as error:
+            status, body = error.status, render.error(error.error_id, error.message)
+        return json_response(status, body, headers)
+
+    def _error(self, token: str, status: int, error_id: str, message: str) -> Response:
+        """An error that does not count against the budget but still reports it."""
+        now = self.emulator.clock()
+        decision = self.emulator.limiter.check(token, now, consume=False)
+        headers = decision.headers(self.emulator.state.epoch_of(decision.reset_clock))
+        return json_response(status, render.error(error_id, message), headers)
+
+
+class ReservedIPResource:
+    """Handlers for one spelling of the resource: `reserved_ip` or legacy `floating_ip`."""
+
+    def __init__(self, emulator: Emulator, singular: str) -> None:
+        self.emulator = emulator
+        self.singular = singular
+        self.plural = singular + "s"
+
+    def _render_ip(self, ip: str) -> dict[str, Any]:
+        state = self.emulator.state
+        reserved = state.reserved_ip(ip)
+        holder = state.droplets.get(reserved.droplet_id) if reserved.droplet_id else None
+        return render.reserved_ip(reserved, holder, locked=state.is_locked(ip))
+
+    async def list_ips(self, request: Request) -> tuple[int, dict[str, Any]]:
+        page, per_page = page_params(request)
+        ips = self.emulator.state.list_reserved_ips()
+        chunk = ips[(page - 1) * per_page : page * per_page]
+        base = str(request.url.replace(query=""))
+        return 200, {
+            self.plural: [self._render_ip(r.ip) for r in chunk],
+            "links": render.page_links(base, page, per_page, len(ips)),
+            "meta": {"total": len(ips)},
+        }
+
+    async def get(self, request: Request) -> tuple[int, dict[str, Any]]:
+        return 200, {self.singular: self._render_ip(request.path_params["ip"])}
+
+    async def list_actions(self, request: Request) -> tuple[int, dict[str, Any]]:
+        ip = request.path_params["ip"]
+        self.emulator.state.reserved_ip(ip)
+        page, per_page = page_params(request)
+        actions = self.emulator.state.list_actions(ip=ip)
+        chunk = actions[(page - 1) * per_page : page * per_page]
+        base = str(request.url.replace(query=""))
+        return 200, {
+            "actions": [render.action(a) for a in chunk],
+            "links": render.page_links(base, page, per_page, len(actions)),
+            "meta": {"total": len(actions)},
+        }
+
+    async def post_action(self, request: Request) -> tuple[int, dict[str, Any]]:
+        ip = request.path_params["ip"]
+        reserved = self.emulator.state.reserved_ip(ip)
+        kind, droplet_id = parse_action_request(await request.body())
+        action = self.emulator.state.start_action(
+            ip,
+            kind,
+            droplet_id,
+            resource_type=self.singular,
+            will_error=self.emulator.faults.should_error_action(self.emulator.rng),
+        )
+        return 201, {"action": render.action(action, with_project_id=reserved.project_id)}
+
+    async def get_action(self, request: Request) -> tuple[int, dict[str, Any]]:
+        ip = request.path_params["ip"]
+        reserved = self.emulator.state.reserved_ip(ip)
+        action = self.emulator.state.action(request.path_params["action_id"], ip=ip)
+        return 200, {"action": render.action(action, with_project_id=reserved.project_id)}
+
+    def routes(self, gate: Gate) -> list[BaseRoute]:
+        base = f"/v2/{self.plural}"
+        return [
+            Route(base, gate.wrap(self.list_ips), methods=["GET"]),
+            Route(base + "/{ip}", gate.wrap(self.get), methods=["GET"]),
+            Route(base + "/{ip}/actions", gate.wrap(self.list_actions), methods=["GET"]),
+            Route(base + "/{ip}/actions", gate.wrap(self.post_action), methods=["POST"]),
+            Route(
+                base + "/{ip}/actions/{action_id:int}", gate.wrap(self.get_action), methods=["GET"]
+            ),
+        ]
+
+
+def parse_action_request(raw: bytes) -> tuple[ActionKind, int | None]:
+    """Read `{"type": "assign", "droplet_id": N}` or `{"type": "unassign"}`."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise EmulatorError(400, "bad_request", "error parsing request body") from None
+    if not isinstance(body, dict):
+        raise EmulatorError(400, "bad_request", "error parsing request body")
+    kind = body.get("type")
+    if kind == "unassign":
+        return "unassign", None
+    if kind == "assign":
+        droplet_id = body.get("droplet_id")
+        if not isinstance(droplet_id, int) or isinstance(droplet_id, bool):
+            raise EmulatorError(
+                422, "unprocessable_entity", "droplet_id is required and must be an integer"
+            )
+        return "assign", droplet_id
+    raise EmulatorError(422, "unprocessable_entity", "type must be one of 'assign' or 'unassign'")
+
+
+def api_routes(emulator: Emulator) -> list[BaseRoute]:
+    """Every `/v2/` route, ending with a JSON 404 for anything else under `/v2/`."""
+    gate = Gate(emulator)
+
+    async def get_action(request: Request) -> tuple[int, dict[str, Any]]:
+        action = emulator.state.action(request.path_params["action_id"])
+        return 200, {"action": render.action(action)}
+
+    async def list_actions(request: Request) -> tuple[int, dict[str, Any]]:
+        page, per_page = page_params(request)
+        actions = emulator.state.list_actions()
+        chunk = actions[(page - 1) * per_page : page * per_page]
+        base = str(request.url.replace(query=""))
+        return 200, {
+            "actions": [render.action(a) for a in chunk],
+            "links": render.page_links(base, page, per_page, len(actions)),
+            "meta": {"total": len(actions)},
+        }
+
+    async def unknown(request: Request) -> tuple[int, dict[str, Any]]:
+        return 404, render.error("not_found", "The resource you requested could not be found.")
+
+    return [
+        *ReservedIPResource(emulator, "reserved_ip").routes(gate),
+        *ReservedIPResource(emulator, "floating_ip").routes(gate),
+        Route("/v2/actions", gate.wrap(list_actions), methods=["GET"]),
+        Route("/v2/actions/{action_id:int}", gate.wrap(get_action), methods=["GET"]),
+        Route("/v2/{rest:path}", gate.wrap(unknown), methods=ALL_METHODS),
+    ]

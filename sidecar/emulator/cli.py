@@ -1,0 +1,221 @@
+"""`fip-sidecar emulate`: run the DigitalOcean API emulator (and the edge) in the foreground.
+
+The lead's `sidecar/cli.py` mounts `add_arguments` and `run` as the `emulate`
+subcommand; `python -m sidecar.emulator` runs the same thing on its own. The token comes
+from a file or `FIP_EMULATOR_TOKEN`, never from argv, like the sidecar's own token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from .emulator import Emulator
+from .server import ServingAt, TlsFiles, serve
+from .settings import EmulatorSettings
+
+TOKEN_ENV = "FIP_EMULATOR_TOKEN"
+
+
+class UsageError(Exception):
+    """A bad flag value, reported as one line and exit status 2."""
+
+
+@dataclass(frozen=True)
+class IPSpec:
+    ip: str
+    region: str
+    droplet_id: int | None
+
+
+@dataclass(frozen=True)
+class DropletSpec:
+    id: int
+    region: str
+    web_url: str | None
+
+
+def host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return value
+
+
+def reserved_ip_spec(value: str) -> IPSpec:
+    ip, sep, rest = value.partition("=")
+    region, _, holder = rest.partition(":")
+    if not sep or not ip or not region or (holder and not holder.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected IP=REGION or IP=REGION:DROPLET, got {value!r}")
+    return IPSpec(ip, region, int(holder) if holder else None)
+
+
+def droplet_spec(value: str) -> DropletSpec:
+    parts = value.split("=", 2)
+    if len(parts) < 2 or not parts[0].isdigit() or not parts[1]:
+        raise argparse.ArgumentTypeError(f"expected ID=REGION[=WEB_URL], got {value!r}")
+    web_url = parts[2] if len(parts) == 3 and parts[2] else None
+    return DropletSpec(int(parts[0]), parts[1], web_url)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `emulate` flags (defaults mirror the real API's limits)."""
+    defaults = EmulatorSettings()
+    parser.add_argument(
+        "--listen",
+        type=host_port,
+        default="127.0.0.1:8089",
+        help="HOST:PORT for the API, metadata and /_emulator/ admin (port 0: any)",
+    )
+    parser.add_argument(
+        "--edge-listen",
+        type=host_port,
+        default=None,
+        help="HOST:PORT for the edge that forwards to the IP's holder",
+    )
+    parser.add_argument(
+        "--edge-reserved-ip",
+        default=None,
+        metavar="IP",
+        help="the reserved IP the edge serves (default: the first --reserved-ip)",
+    )
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        help=f"file holding the token to accept (else env {TOKEN_ENV})",
+    )
+    parser.add_argument(
+        "--reserved-ip",
+        type=reserved_ip_spec,
+        action="append",
+        default=[],
+        metavar="IP=REGION[:DROPLET]",
+        help="a reserved IP (repeatable)",
+    )
+    parser.add_argument(
+        "--droplet",
+        type=droplet_spec,
+        action="append",
+        default=[],
+        metavar="ID=REGION[=WEB_URL]",
+        help="a droplet (repeatable)",
+    )
+    parser.add_argument(
+        "--action-seconds",
+        type=float,
+        default=defaults.action_seconds,
+        help="how long an action stays in-progress",
+    )
+    parser.add_argument(
+        "--action-404-seconds",
+        type=float,
+        default=defaults.action_404_seconds,
+        help="how long a new action answers 404",
+    )
+    parser.add_argument(
+        "--propagation-delay",
+        type=float,
+        default=defaults.propagation_delay,
+        help="seconds the edge lags behind a completed move",
+    )
+    parser.add_argument("--rate-limit-per-minute", type=int, default=defaults.rate_limit_per_minute)
+    parser.add_argument("--rate-limit-per-hour", type=int, default=defaults.rate_limit_per_hour)
+    parser.add_argument(
+        "--edge-timeout",
+        type=float,
+        default=defaults.edge_timeout,
+        help="seconds the edge waits for a web service before a 502",
+    )
+    parser.add_argument("--tls-cert", type=Path, default=None, help="serve the API over https")
+    parser.add_argument("--tls-key", type=Path, default=None)
+
+
+def read_token(args: argparse.Namespace) -> str:
+    if args.token_file is not None:
+        try:
+            token = Path(args.token_file).read_text(encoding="utf-8").strip()
+        except OSError as error:
+            raise UsageError(
+                f"--token-file: cannot read {args.token_file}: {error.strerror}"
+            ) from None
+    else:
+        token = os.environ.get(TOKEN_ENV, "").strip()
+    if not token:
+        raise UsageError(f"no API token: give --token-file or set {TOKEN_ENV}")
+    return token
+
+
+def build_emulator(args: argparse.Namespace) -> Emulator:
+    """An emulator from parsed flags; every mistake becomes a one-line UsageError."""
+    settings = EmulatorSettings(
+        action_seconds=args.action_seconds,
+        action_404_seconds=args.action_404_seconds,
+        propagation_delay=args.propagation_delay,
+        rate_limit_per_minute=args.rate_limit_per_minute,
+        rate_limit_per_hour=args.rate_limit_per_hour,
+        edge_timeout=args.edge_timeout,
+    )
+    try:
+        settings.validate()
+        emulator = Emulator(read_token(args), settings, edge_ip=args.edge_reserved_ip)
+        for droplet in args.droplet:
+            emulator.state.add_droplet(droplet.id, droplet.region, droplet.web_url)
+        for spec in args.reserved_ip:
+            emulator.state.add_reserved_ip(spec.ip, spec.region, spec.droplet_id)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if (
+        args.edge_reserved_ip is not None
+        and args.edge_reserved_ip not in emulator.state.reserved_ips
+    ):
+        raise UsageError(f"--edge-reserved-ip {args.edge_reserved_ip} is not a --reserved-ip")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise UsageError("--tls-cert and --tls-key go together")
+    return emulator
+
+
+async def serve_until_signalled(
+    emulator: Emulator, listen: str, edge_listen: str | None, tls: TlsFiles | None
+) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            serving: ServingAt = await nursery.start(
+                partial(serve, emulator, listen=listen, edge_listen=edge_listen, tls=tls)
+            )
+            line = f"emulator listening on {serving.api_url}"
+            if serving.edge_url is not None:
+                line += f" edge on {serving.edge_url}"
+            print(line, flush=True)
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run until SIGTERM/SIGINT; 0 on a clean stop, 2 on a usage error."""
+    try:
+        emulator = build_emulator(args)
+    except UsageError as error:
+        print(f"fip-sidecar emulate: {error}", file=sys.stderr)
+        return 2
+    tls = TlsFiles(args.tls_cert, args.tls_key) if args.tls_cert is not None else None
+    try:
+        trio.run(serve_until_signalled, emulator, args.listen, args.edge_listen, tls)
+    except OSError as error:
+        print(f"fip-sidecar emulate: cannot listen: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sidecar.emulator", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -1,0 +1,75 @@
+"""One emulated DigitalOcean account: its state plus the machinery around the API.
+
+The API app, the metadata service, the admin endpoints and the edge all share one
+`Emulator`, so a move made through the API is what the metadata service reports and what
+the edge routes by, exactly as on the real platform (minus the propagation delay the
+edge adds on purpose).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from typing import Any
+
+from .faults import Faults
+from .ratelimit import RateLimiter
+from .settings import EmulatorSettings
+from .state import AccountState, Clock
+
+
+class RequestLog:
+    """Counts of API requests by method, path and status, for tests of rate budgets."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[tuple[str, str, int]] = Counter()
+
+    def record(self, method: str, path: str, status: int) -> None:
+        self._counts[(method, path, status)] += 1
+
+    def clear(self) -> None:
+        self._counts.clear()
+
+    def describe(self) -> dict[str, Any]:
+        """The JSON shape of `GET /_emulator/requests`."""
+        rows = [
+            {"method": method, "path": path, "status": status, "count": count}
+            for (method, path, status), count in sorted(self._counts.items())
+        ]
+        return {"total": sum(self._counts.values()), "requests": rows}
+
+
+class Emulator:
+    """The shared heart of the emulator process (or of an in-process test)."""
+
+    def __init__(
+        self,
+        token: str,
+        settings: EmulatorSettings | None = None,
+        *,
+        clock: Clock = time.monotonic,
+        wall_clock: Clock = time.time,
+        rng: random.Random | None = None,
+        edge_ip: str | None = None,
+    ) -> None:
+        if not token:
+            raise ValueError("the emulator needs a non-empty API token to accept")
+        self.token = token
+        self.settings = settings if settings is not None else EmulatorSettings()
+        self.clock = clock
+        self.state = AccountState(self.settings, clock=clock, wall_clock=wall_clock)
+        self.faults = Faults()
+        self.limiter = RateLimiter(
+            self.settings.rate_limit_per_minute, self.settings.rate_limit_per_hour
+        )
+        self.requests = RequestLog()
+        self.rng = rng if rng is not None else random.Random()
+        self._edge_ip = edge_ip
+
+    @property
+    def edge_ip(self) -> str | None:
+        """The reserved IP the edge serves: the one chosen, else the first one added."""
+        if self._edge_ip is not None:
+            return self._edge_ip
+        return next(iter(self.state.reserved_ips), None)

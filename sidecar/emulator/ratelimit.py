@@ -1,0 +1,83 @@
+"""The real API's rate limit: 250 requests a minute and 5,000 an hour per token.
+
+DigitalOcean counts requests in sliding windows and reports the *hourly* window in the
+`ratelimit-limit`, `ratelimit-remaining` and `ratelimit-reset` headers of every response;
+the per-minute limit shows only as a 429 with `retry-after`. A client that reads only the
+headers can therefore be refused while `ratelimit-remaining` is still above zero, and the
+emulator reproduces that on purpose.
+
+Refused requests are not counted, so a client that backs off as told recovers.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+
+MINUTE = 60.0
+HOUR = 3600.0
+
+
+@dataclass(frozen=True)
+class RateDecision:
+    """The verdict on one request, and what the rate-limit headers should say."""
+
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_clock: float
+    retry_after_seconds: int
+
+    def headers(self, epoch_of_clock: float) -> dict[str, str]:
+        """The real API's headers; `epoch_of_clock` is the wall time of `reset_clock`."""
+        headers = {
+            "ratelimit-limit": str(self.limit),
+            "ratelimit-remaining": str(self.remaining),
+            "ratelimit-reset": str(math.ceil(epoch_of_clock)),
+        }
+        if not self.allowed:
+            headers["retry-after"] = str(self.retry_after_seconds)
+        return headers
+
+
+class RateLimiter:
+    """Sliding minute and hour windows per key (the key is the bearer token presented)."""
+
+    def __init__(self, per_minute: int, per_hour: int) -> None:
+        self.per_minute = per_minute
+        self.per_hour = per_hour
+        self._times: dict[str, list[float]] = {}
+
+    def check(self, key: str, now: float, *, consume: bool = True) -> RateDecision:
+        """Decide whether a request at `now` fits; count it if it does and `consume`."""
+        times = self._times.setdefault(key, [])
+        del times[: bisect.bisect_right(times, now - HOUR)]
+        in_minute = len(times) - bisect.bisect_right(times, now - MINUTE)
+        retry_after = 0.0
+        if len(times) >= self.per_hour:
+            retry_after = times[0] + HOUR - now
+        elif in_minute >= self.per_minute:
+            retry_after = times[len(times) - in_minute] + MINUTE - now
+        allowed = retry_after == 0.0
+        if allowed and consume:
+            times.append(now)
+        reset_clock = times[0] + HOUR if times else now
+        return RateDecision(
+            allowed=allowed,
+            limit=self.per_hour,
+            remaining=max(0, self.per_hour - len(times)),
+            reset_clock=reset_clock,
+            retry_after_seconds=max(1, math.ceil(retry_after)) if not allowed else 0,
+        )
+
+    def refuse(self, key: str, now: float, retry_after: float) -> RateDecision:
+        """A forced 429 (fault injection) that still reports the true window."""
+        current = self.check(key, now, consume=False)
+        return RateDecision(
+            allowed=False,
+            limit=current.limit,
+            remaining=current.remaining,
+            reset_clock=current.reset_clock,
+            retry_after_seconds=max(1, math.ceil(retry_after)),
+        )

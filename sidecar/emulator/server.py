@@ -1,0 +1,75 @@
+"""Serving the emulator (and optionally the edge) with hypercorn on trio."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve as hypercorn_serve
+
+from .app import build_app
+from .edge import build_edge_app
+from .emulator import Emulator
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A certificate chain and its key, for serving the API over https."""
+
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class ServingAt:
+    """Where the servers listen (the real ports, when port 0 was asked for)."""
+
+    api_url: str
+    edge_url: str | None
+
+
+def hypercorn_config(listen: str, tls: TlsFiles | None) -> Config:
+    config = Config()
+    config.bind = [listen]
+    config.accesslog = None
+    config.errorlog = logger
+    if tls is not None:
+        config.certfile = str(tls.cert)
+        config.keyfile = str(tls.key)
+    return config
+
+
+async def serve(
+    emulator: Emulator,
+    *,
+    listen: str,
+    edge_listen: str | None = None,
+    tls: TlsFiles | None = None,
+    task_status: trio.TaskStatus[ServingAt] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until cancelled; `task_status.started` gets the URLs once both listen.
+
+    TLS applies to the API port only: the edge stands for plain traffic to the IP.
+    """
+    async with (
+        httpx.AsyncClient(trust_env=False, follow_redirects=False) as client,
+        trio.open_nursery() as nursery,
+    ):
+        api_binds: list[str] = await nursery.start(
+            hypercorn_serve, build_app(emulator), hypercorn_config(listen, tls)
+        )
+        edge_url = None
+        if edge_listen is not None:
+            edge_binds: list[str] = await nursery.start(
+                hypercorn_serve,
+                build_edge_app(emulator, client),
+                hypercorn_config(edge_listen, None),
+            )
+            edge_url = edge_binds[0]
+        task_status.started(ServingAt(api_url=api_binds[0], edge_url=edge_url))

@@ -1,0 +1,396 @@
+"""The emulated account: droplets, reserved IPs, actions and the assignment history.
+
+This module is pure bookkeeping with no HTTP in it, so the rules of the real API live in
+one place and read as rules. Time is a number from an injected clock; an action's
+completion is *computed* from it (`settle`) whenever anything is read or written, so no
+background task is needed and a test under `trio.testing.MockClock` sees actions
+complete exactly when the mock clock passes their deadline.
+
+Two timelines are kept per IP: the current holder (what the API reports) and every
+change with its clock time (what the edge needs to route "as of a moment ago", and what
+tests read from `/_emulator/history`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .settings import EmulatorSettings
+
+Clock = Callable[[], float]
+
+ActionKind = Literal["assign", "unassign"]
+ActionStatus = Literal["in-progress", "completed", "errored"]
+AssignmentSource = Literal["initial", "api", "manual"]
+
+FIRST_ACTION_ID = 2_000_000_001
+"""Real action ids are large integers; starting high catches clients that assume small ones."""
+
+
+class EmulatorError(Exception):
+    """A request the real API would refuse, with its status and error `id`."""
+
+    def __init__(self, status: int, error_id: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_id = error_id
+        self.message = message
+
+
+def not_found(message: str = "The resource you requested could not be found.") -> EmulatorError:
+    return EmulatorError(404, "not_found", message)
+
+
+def unprocessable(message: str) -> EmulatorError:
+    return EmulatorError(422, "unprocessable_entity", message)
+
+
+@dataclass
+class Droplet:
+    """A droplet the account owns; `web_url` is where the edge sends its traffic."""
+
+    id: int
+    region: str
+    web_url: str | None = None
+    created_epoch: float = field(default_factory=time.time)
+
+    @property
+    def name(self) -> str:
+        return f"emulated-droplet-{self.id}"
+
+
+@dataclass
+class ReservedIP:
+    """A reserved IP and the droplet it points at right now (after settling)."""
+
+    ip: str
+    region: str
+    droplet_id: int | None = None
+
+    @property
+    def project_id(self) -> str:
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, f"fip-emulator:{self.ip}"))
+
+    @property
+    def resource_id(self) -> int:
+        """The numeric id the real API puts in an action's `resource_id` for an IP."""
+        return int(ipaddress.IPv4Address(self.ip))
+
+
+@dataclass
+class Action:
+    """An assign or unassign that takes `action_seconds` to complete."""
+
+    id: int
+    kind: ActionKind
+    ip: str
+    region: str
+    resource_id: int
+    resource_type: str
+    target_droplet_id: int | None
+    source_droplet_id: int | None
+    started_clock: float
+    started_epoch: float
+    completes_clock: float
+    visible_from_clock: float
+    will_error: bool = False
+    status: ActionStatus = "in-progress"
+
+    @property
+    def api_type(self) -> str:
+        return "assign_ip" if self.kind == "assign" else "unassign_ip"
+
+    @property
+    def completed_epoch(self) -> float:
+        return self.started_epoch + (self.completes_clock - self.started_clock)
+
+    def involves_droplet(self, droplet_id: int) -> bool:
+        return droplet_id in (self.target_droplet_id, self.source_droplet_id)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One change of holder that took effect (`droplet_id` None means unassigned)."""
+
+    reserved_ip: str
+    droplet_id: int | None
+    previous_droplet_id: int | None
+    action_id: int | None
+    source: AssignmentSource
+    requested_clock: float
+    requested_epoch: float
+    completed_clock: float
+    completed_epoch: float
+
+
+class AccountState:
+    """Everything the emulated account holds, with the real API's rules for changing it."""
+
+    def __init__(
+        self,
+        settings: EmulatorSettings,
+        *,
+        clock: Clock = time.monotonic,
+        wall_clock: Clock = time.time,
+    ) -> None:
+        settings.validate()
+        self.settings = settings
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.droplets: dict[int, Droplet] = {}
+        self.reserved_ips: dict[str, ReservedIP] = {}
+        self.actions: dict[int, Action] = {}
+        self.history: list[Assignment] = []
+        self._next_action_id = FIRST_ACTION_ID
+
+    # ---- setup -------------------------------------------------------------------------
+
+    def add_droplet(self, droplet_id: int, region: str, web_url: str | None = None) -> Droplet:
+        if droplet_id in self.droplets:
+            raise ValueError(f"droplet {droplet_id} is listed twice")
+        if droplet_id < 1:
+            raise ValueError(f"droplet id must be a positive integer, got {droplet_id}")
+        droplet = Droplet(droplet_id, region, web_url, created_epoch=self.wall_clock())
+        self.droplets[droplet_id] = droplet
+        return droplet
+
+    def add_reserved_ip(self, ip: str, region: str, droplet_id: int | None = None) -> ReservedIP:
+        """Add an IP, optionally already pointing at a droplet (recorded as `initial`)."""
+        address = str(ipaddress.IPv4Address(ip))
+        if address in self.reserved_ips:
+            raise ValueError(f"reserved IP {address} is listed twice")
+        reserved = ReservedIP(address, region)
+        self.reserved_ips[address] = reserved
+        if droplet_id is not None:
+            try:
+                self._check_can_hold(reserved, droplet_id)
+            except EmulatorError as error:
+                del self.reserved_ips[address]
+                raise ValueError(f"reserved IP {address}: {error.message}") from None
+            now, epoch = self.clock(), self.wall_clock()
+            self._apply(reserved, droplet_id, None, "initial", now, epoch, now, epoch)
+        return reserved
+
+    # ---- time --------------------------------------------------------------------------
+
+    def settle(self) -> None:
+        """Apply every action whose deadline has passed, in the order they finished."""
+        now = self.clock()
+        due = sorted(
+            (a for a in self.actions.values() if a.status == "in-progress"),
+            key=lambda a: (a.completes_clock, a.id),
+        )
+        for action in due:
+            if action.completes_clock > now:
+                break
+            if action.will_error:
+                action.status = "errored"
+                continue
+            action.status = "completed"
+            reserved = self.reserved_ips[action.ip]
+            self._apply(
+                reserved,
+                action.target_droplet_id,
+                action.id,
+                "api",
+                action.started_clock,
+                action.started_epoch,
+                action.completes_clock,
+                action.completed_epoch,
+            )
+
+    def epoch_of(self, clock_value: float) -> float:
+        """Wall-clock seconds for a value of the emulator's clock."""
+        return self.wall_clock() - (self.clock() - clock_value)
+
+    # ---- reads -------------------------------------------------------------------------
+
+    def reserved_ip(self, ip: str) -> ReservedIP:
+        self.settle()
+        reserved = self.reserved_ips.get(ip)
+        if reserved is None:
+            raise not_found()
+        return reserved
+
+    def list_reserved_ips(self) -> list[ReservedIP]:
+        self.settle()
+        return list(self.reserved_ips.values())
+
+    def droplet(self, droplet_id: int) -> Droplet:
+        droplet = self.droplets.get(droplet_id)
+        if droplet is None:
+            raise not_found()
+        return droplet
+
+    def ip_of_droplet(self, droplet_id: int) -> ReservedIP | None:
+        """The reserved IP this droplet holds now (a droplet can hold at most one)."""
+        self.settle()
+        return next((r for r in self.reserved_ips.values() if r.droplet_id == droplet_id), None)
+
+    def pending_action(self, ip: str) -> Action | None:
+        self.settle()
+        return next(self._in_progress(lambda a: a.ip == ip), None)
+
+    def is_locked(self, ip: str) -> bool:
+        return self.pending_action(ip) is not None
+
+    def action(self, action_id: int, *, ip: str | None = None) -> Action:
+        """An action by id; like the real API it may 404 for a moment after creation."""
+        self.settle()
+        action = self.actions.get(action_id)
+        if action is None or (ip is not None and action.ip != ip):
+            raise not_found()
+        if self.clock() < action.visible_from_clock:
+            raise not_found()
+        return action
+
+    def list_actions(self, *, ip: str | None = None) -> list[Action]:
+        """Visible actions, newest first like the real API."""
+        self.settle()
+        now = self.clock()
+        return sorted(
+            (
+                a
+                for a in self.actions.values()
+                if (ip is None or a.ip == ip) and now >= a.visible_from_clock
+            ),
+            key=lambda a: a.id,
+            reverse=True,
+        )
+
+    def holder_at(self, ip: str, at_clock: float) -> int | None:
+        """Who held `ip` at a past moment of the emulator's clock (None: nobody)."""
+        self.settle()
+        holder: int | None = None
+        for entry in self.history:
+            if entry.reserved_ip != ip:
+                continue
+            if entry.completed_clock > at_clock:
+                break
+            holder = entry.droplet_id
+        return holder
+
+    # ---- writes ------------------------------------------------------------------------
+
+    def start_action(
+        self,
+        ip: str,
+        kind: ActionKind,
+        droplet_id: int | None = None,
+        *,
+        resource_type: str = "reserved_ip",
+        will_error: bool = False,
+    ) -> Action:
+        """Begin an assign/unassign, refusing it exactly where the real API does."""
+        reserved = self.reserved_ip(ip)
+        if self.pending_action(ip) is not None:
+            raise unprocessable("The reserved IP already has a pending event.")
+        if kind == "assign":
+            if droplet_id is None:
+                raise unprocessable("droplet_id is required to assign a reserved IP.")
+            self._check_can_hold(reserved, droplet_id)
+            if any(True for _ in self._in_progress(lambda a: a.involves_droplet(droplet_id))):
+                raise unprocessable("The droplet already has a pending event.")
+        elif reserved.droplet_id is None:
+            raise unprocessable("The reserved IP is not assigned to a droplet.")
+        now, epoch = self.clock(), self.wall_clock()
+        action = Action(
+            id=self._next_action_id,
+            kind=kind,
+            ip=reserved.ip,
+            region=reserved.region,
+            resource_id=reserved.resource_id,
+            resource_type=resource_type,
+            target_droplet_id=droplet_id if kind == "assign" else None,
+            source_droplet_id=reserved.droplet_id,
+            started_clock=now,
+            started_epoch=epoch,
+            completes_clock=now + self.settings.action_seconds,
+            visible_from_clock=now + self.settings.action_404_seconds,
+            will_error=will_error,
+        )
+        self._next_action_id += 1
+        self.actions[action.id] = action
+        return action
+
+    def manual_assign(self, ip: str, droplet_id: int | None) -> Assignment:
+        """An operator moving the IP by hand: instant, and blind to pending actions."""
+        reserved = self.reserved_ip(ip)
+        if droplet_id is not None:
+            self._check_can_hold(reserved, droplet_id)
+        now, epoch = self.clock(), self.wall_clock()
+        return self._apply(reserved, droplet_id, None, "manual", now, epoch, now, epoch)
+
+    # ---- internals ---------------------------------------------------------------------
+
+    def _in_progress(self, predicate: Callable[[Action], bool]) -> Iterator[Action]:
+        return (a for a in self.actions.values() if a.status == "in-progress" and predicate(a))
+
+    def _check_can_hold(self, reserved: ReservedIP, droplet_id: int) -> None:
+        droplet = self.droplets.get(droplet_id)
+        if droplet is None:
+            raise not_found(f"Droplet {droplet_id} could not be found.")
+        if reserved.droplet_id == droplet_id:
+            raise unprocessable("The reserved IP is already assigned to this droplet.")
+        if droplet.region != reserved.region:
+            raise unprocessable(
+                f"The droplet is in region {droplet.region}, the reserved IP in "
+                f"{reserved.region}; they must be in the same region."
+            )
+        other = next(
+            (
+                r
+                for r in self.reserved_ips.values()
+                if r.droplet_id == droplet_id and r.ip != reserved.ip
+            ),
+            None,
+        )
+        if other is not None:
+            raise unprocessable("The droplet already has a reserved IP assigned.")
+
+    def _apply(
+        self,
+        reserved: ReservedIP,
+        droplet_id: int | None,
+        action_id: int | None,
+        source: AssignmentSource,
+        requested_clock: float,
+        requested_epoch: float,
+        completed_clock: float,
+        completed_epoch: float,
+    ) -> Assignment:
+        if droplet_id is not None:
+            # A droplet holds at most one reserved IP. A pending action can complete after
+            # an operator gave the droplet another IP by hand; the newer move wins and the
+            # other IP is released, on the record.
+            for other in self.reserved_ips.values():
+                if other.droplet_id == droplet_id and other is not reserved:
+                    self._apply(
+                        other,
+                        None,
+                        action_id,
+                        source,
+                        requested_clock,
+                        requested_epoch,
+                        completed_clock,
+                        completed_epoch,
+                    )
+        entry = Assignment(
+            reserved_ip=reserved.ip,
+            droplet_id=droplet_id,
+            previous_droplet_id=reserved.droplet_id,
+            action_id=action_id,
+            source=source,
+            requested_clock=requested_clock,
+            requested_epoch=requested_epoch,
+            completed_clock=completed_clock,
+            completed_epoch=completed_epoch,
+        )
+        reserved.droplet_id = droplet_id
+        self.history.append(entry)
+        return entry
