@@ -1,0 +1,317 @@
+"""One typed configuration from a TOML file, `FIP_SIDECAR_*` environment variables and flags.
+
+Every mistake becomes one `ConfigError` whose message names the key (as a dotted path such
+as `peers[1].address`) and says how to fix it, because an HA tool that starts with a wrong
+config is worse than one that refuses to start. msgspec does the typing and rejects unknown
+keys; this module adds the cross-field rules msgspec cannot know (unique peers, quorum,
+timing relations) and the precedence: flags > environment > file > profile defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from sidecar.election import Member, Timing
+from sidecar.protocol import parse_cluster_key
+
+ENV_PREFIX = "FIP_SIDECAR_"
+
+#: Timing profiles, like memberlist's LAN/WAN configs. Each field's trade-off is in the README.
+PROFILES: dict[str, Timing] = {
+    # ~0.7 s from a crash to a new leader; tolerates single lost packets and 100 ms of jitter.
+    "lan": Timing(
+        heartbeat_interval=0.1,
+        peer_timeout=0.5,
+        lease_timeout=0.6,
+        max_drift=0.1,
+        vote_retry_interval=0.025,
+        election_round=0.3,
+        preempt=True,
+        preempt_delay=30.0,
+    ),
+    # For members spread over regions with lossy, slow links: ~3.5 s failover, far fewer packets.
+    "wan": Timing(
+        heartbeat_interval=0.5,
+        peer_timeout=2.5,
+        lease_timeout=3.0,
+        max_drift=0.1,
+        vote_retry_interval=0.125,
+        election_round=1.5,
+        preempt=True,
+        preempt_delay=60.0,
+    ),
+}
+
+
+class ConfigError(Exception):
+    """A configuration mistake; the message names the key and the fix, on one line."""
+
+
+class PeerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    id: int
+    address: str
+    eligible: bool = True
+
+
+class TimingOverrides(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    """Any field set here replaces the profile's value."""
+
+    heartbeat_interval: float | None = None
+    peer_timeout: float | None = None
+    lease_timeout: float | None = None
+    max_drift: float | None = None
+    vote_retry_interval: float | None = None
+    election_round: float | None = None
+    preempt: bool | None = None
+    preempt_delay: float | None = None
+
+
+class FloatingIpSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    address: str
+    droplet_id: int | None = None  # None: ask the metadata service
+
+
+class FileSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    """The file's shape, exactly as an operator writes it."""
+
+    node_id: int
+    bind: str
+    peers: list[PeerSettings]
+    status_listen: str = "127.0.0.1:9401"
+    cluster_key_file: str | None = None
+    eligible: bool = True
+    profile: Literal["lan", "wan"] = "lan"
+    timing: TimingOverrides = msgspec.field(default_factory=TimingOverrides)
+    max_clock_skew: float = 60.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    floating_ip: FloatingIpSettings | None = None
+    reserved_ip: FloatingIpSettings | None = None  # the API's newer name; same meaning
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The validated configuration the runtime uses; secrets already loaded."""
+
+    node_id: int
+    bind: Address
+    status_listen: Address
+    eligible: bool
+    peers: tuple[PeerSettings, ...]
+    peer_addresses: Mapping[int, Address]
+    cluster_key: bytes
+    timing: Timing
+    profile: str
+    max_clock_skew: float
+    log_level: str
+    floating_ip: FloatingIpSettings | None
+    source: str
+
+    @property
+    def members(self) -> list[Member]:
+        return [Member(self.node_id, self.eligible)] + [
+            Member(p.id, p.eligible) for p in self.peers
+        ]
+
+    @property
+    def quorum(self) -> int:
+        return (len(self.peers) + 1) // 2 + 1
+
+    def __repr__(self) -> str:  # never show the key
+        return f"Config(node_id={self.node_id}, bind={self.bind}, source={self.source!r})"
+
+
+def parse_address(text: str, key: str) -> Address:
+    """`host:port` or `[v6]:port`; the host must be an IP literal or `localhost`."""
+    match = re.fullmatch(
+        r"\[(?P<v6>[^\]]+)\]:(?P<port>\d+)|(?P<host>[^:\[\]]+):(?P<port4>\d+)", text
+    )
+    if match is None:
+        raise ConfigError(f"{key}: {text!r} is not HOST:PORT (use [ADDR]:PORT for IPv6)")
+    host = match["v6"] or match["host"]
+    port = int(match["port"] or match["port4"])
+    if not 0 < port < 65536:
+        raise ConfigError(f"{key}: port {port} is out of range 1-65535")
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ConfigError(f"{key}: {host!r} is not an IP address") from None
+    return Address(host, port)
+
+
+_MSGSPEC_PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+
+
+def _describe_validation_error(err: msgspec.ValidationError) -> str:
+    """Turn msgspec's message into `key: problem`, with the key as the operator wrote it."""
+    text = str(err)
+    match = _MSGSPEC_PATH.search(text)
+    path = match["path"].lstrip(".") if match else ""
+    problem = _MSGSPEC_PATH.sub("", text)
+    unknown = re.fullmatch(r"Object contains unknown field `(?P<name>[^`]+)`", problem)
+    if unknown:
+        key = f"{path}.{unknown['name']}" if path else unknown["name"]
+        return f"{key}: unknown key (check the spelling; see the README's configuration reference)"
+    missing = re.fullmatch(r"Object missing required field `(?P<name>[^`]+)`", problem)
+    if missing:
+        key = f"{path}.{missing['name']}" if path else missing["name"]
+        return f"{key}: required key is missing"
+    return f"{path or '(top level)'}: {problem[0].lower()}{problem[1:]}"
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    """`FIP_SIDECAR_NODE_ID=2` sets `node_id`; `FIP_SIDECAR_TIMING__LEASE_TIMEOUT` a nested key.
+
+    Values are read as TOML values when they parse (numbers, booleans, arrays), else as strings.
+    """
+    result: dict[str, Any] = {}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CLUSTER_KEY":
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        try:
+            value: Any = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        target = result
+        for part in path[:-1]:
+            target = target.setdefault(part, {})
+        target[path[-1]] = value
+    return result
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _load_key(raw: FileSettings, base_dir: Path, env: Mapping[str, str]) -> bytes:
+    text = env.get(ENV_PREFIX + "CLUSTER_KEY")
+    where = f"environment variable {ENV_PREFIX}CLUSTER_KEY"
+    if text is None:
+        if raw.cluster_key_file is None:
+            raise ConfigError(
+                f"cluster_key_file: required (or set {ENV_PREFIX}CLUSTER_KEY); "
+                "make one with `fip-sidecar keygen > cluster.key`"
+            )
+        path = base_dir / raw.cluster_key_file
+        where = f"cluster_key_file {str(path)!r}"
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(
+                f"cluster_key_file: cannot read {str(path)!r}: {exc.strerror}"
+            ) from None
+    try:
+        return parse_cluster_key(text)
+    except ValueError as exc:
+        raise ConfigError(f"cluster_key_file: {where}: {exc}") from None
+
+
+def _timing(raw: FileSettings) -> Timing:
+    overrides = {k: v for k, v in msgspec.structs.asdict(raw.timing).items() if v is not None}
+    timing = dataclasses.replace(PROFILES[raw.profile], **overrides)
+    problems = timing.problems()
+    if problems:
+        raise ConfigError("timing." + problems[0])
+    return timing
+
+
+def _check_membership(raw: FileSettings) -> dict[int, Address]:
+    seen: dict[int, str] = {raw.node_id: "node_id"}
+    addresses: dict[int, Address] = {}
+    bind = parse_address(raw.bind, "bind")
+    for index, peer in enumerate(raw.peers):
+        key = f"peers[{index}]"
+        if peer.id in seen:
+            raise ConfigError(
+                f"{key}.id: {peer.id} is already used by {seen[peer.id]}; ids must be unique"
+            )
+        seen[peer.id] = f"{key}.id"
+        address = parse_address(peer.address, f"{key}.address")
+        if address in addresses.values() or address == bind:
+            raise ConfigError(
+                f"{key}.address: {peer.address} is listed twice; each member needs its own"
+            )
+        addresses[peer.id] = address
+    if not raw.eligible and not any(p.eligible for p in raw.peers):
+        raise ConfigError("eligible: no member is eligible, so nobody could ever lead")
+    return addresses
+
+
+def load(
+    path: str | Path,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Read, merge and validate; raise ConfigError with a one-line message on any mistake."""
+    env = os.environ if env is None else env
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"--config: cannot read {str(path)!r}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config: {str(path)!r} is not valid TOML: {exc}") from None
+    data = _merge(_merge(data, _env_overrides(env)), overrides or {})
+    try:
+        raw = msgspec.convert(data, FileSettings)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_describe_validation_error(exc)) from None
+    return _validate(raw, path, env)
+
+
+def _validate(raw: FileSettings, path: Path, env: Mapping[str, str]) -> Config:
+    if raw.floating_ip is not None and raw.reserved_ip is not None:
+        raise ConfigError("reserved_ip: give either [floating_ip] or [reserved_ip], not both")
+    floating_ip = raw.floating_ip or raw.reserved_ip
+    if floating_ip is not None:
+        section = "floating_ip" if raw.floating_ip else "reserved_ip"
+        try:
+            ipaddress.IPv4Address(floating_ip.address)
+        except ValueError:
+            raise ConfigError(
+                f"{section}.address: {floating_ip.address!r} is not an IPv4 address"
+            ) from None
+    if not raw.max_clock_skew > 0:
+        raise ConfigError("max_clock_skew: must be > 0 seconds")
+    addresses = _check_membership(raw)
+    return Config(
+        node_id=raw.node_id,
+        bind=parse_address(raw.bind, "bind"),
+        status_listen=parse_address(raw.status_listen, "status_listen"),
+        eligible=raw.eligible,
+        peers=tuple(raw.peers),
+        peer_addresses=addresses,
+        cluster_key=_load_key(raw, path.parent, env),
+        timing=_timing(raw),
+        profile=raw.profile,
+        max_clock_skew=raw.max_clock_skew,
+        log_level=raw.log_level,
+        floating_ip=floating_ip,
+        source=str(path),
+    )

@@ -1,0 +1,133 @@
+"""Prometheus metrics for one node, in a registry of its own.
+
+Most figures are read from the node at scrape time by a collector, so nothing has to be
+kept in step with the election; only distributions (RTT, assignment duration) and per-call
+counters (API requests, hooks) are observed as they happen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from sidecar.election import Role, View
+from sidecar.protocol import DropReason
+
+_RTT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+_ASSIGN_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120)
+
+
+class NodeSource(Protocol):
+    """What the collector reads from a node at scrape time; `Node` satisfies it."""
+
+    def view(self) -> View: ...
+    def drop_counts(self) -> Mapping[str, int]: ...
+    def counter_values(self) -> Mapping[str, int]: ...
+
+
+class _NodeCollector(Collector):
+    def __init__(self, source: NodeSource) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        view = self._source.view()
+        yield GaugeMetricFamily(
+            "fip_is_leader",
+            "1 while this node holds a valid leader lease",
+            value=1 if view.role is Role.LEADER else 0,
+        )
+        yield GaugeMetricFamily("fip_term", "Current election term", value=view.term)
+        yield GaugeMetricFamily(
+            "fip_leader_known",
+            "1 when this node knows a live leader (itself included)",
+            value=0 if view.leader_id is None else 1,
+        )
+        yield GaugeMetricFamily(
+            "fip_healthy", "1 while the local service passes its check", value=int(view.healthy)
+        )
+        alive = GaugeMetricFamily(
+            "fip_peer_alive", "1 while the peer is heard from", labels=["peer"]
+        )
+        rtt = GaugeMetricFamily(
+            "fip_peer_rtt_seconds", "Latest heartbeat round trip", labels=["peer"]
+        )
+        for peer in view.peers:
+            alive.add_metric([str(peer.id)], 1 if peer.alive else 0)
+            if peer.rtt is not None:
+                rtt.add_metric([str(peer.id)], peer.rtt)
+        yield alive
+        yield rtt
+        drops = CounterMetricFamily(
+            "fip_packets_dropped", "Packets dropped on receipt, by reason", labels=["reason"]
+        )
+        drops_by_reason = self._source.drop_counts()
+        for reason in DropReason:
+            drops.add_metric([str(reason)], drops_by_reason.get(reason, 0))
+        yield drops
+        counters = self._source.counter_values()
+        for name, help_text in _COUNTERS.items():
+            yield CounterMetricFamily(f"fip_{name}", help_text, value=counters.get(name, 0))
+
+
+_COUNTERS = {
+    "packets_received": "Authenticated packets accepted",
+    "packets_sent": "Packets sent to peers",
+    "send_errors": "Sends that failed at the socket",
+    "elections": "Times this node stood for election",
+    "leadership_gained": "Times this node became leader",
+    "leader_changes": "Changes of the leader this node sees (including to none)",
+    "events_missed": "Events a slow subscriber missed",
+}
+
+
+class Metrics:
+    """The node's registry, plus the observations other modules report into."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.rtt = Histogram(
+            "fip_heartbeat_rtt_seconds",
+            "Heartbeat round-trip time",
+            ["peer"],
+            buckets=_RTT_BUCKETS,
+            registry=self.registry,
+        )
+        self.api_requests = Counter(
+            "fip_api_requests",
+            "DigitalOcean API requests by endpoint and status code",
+            ["endpoint", "code"],
+            registry=self.registry,
+        )
+        self.assignment_duration = Histogram(
+            "fip_assignment_duration_seconds",
+            "From the assign request to the action's end",
+            ["outcome"],
+            buckets=_ASSIGN_BUCKETS,
+            registry=self.registry,
+        )
+        self.health_checks = Counter(
+            "fip_health_checks",
+            "Health checks of the local service by result",
+            ["result"],
+            registry=self.registry,
+        )
+        self.hook_runs = Counter(
+            "fip_hook_runs",
+            "Notify hook runs by event and outcome",
+            ["event", "outcome"],
+            registry=self.registry,
+        )
+
+    def watch(self, source: NodeSource) -> None:
+        self.registry.register(_NodeCollector(source))
+
+    # The observer methods the assigner and hooks call (see their Protocols).
+    def api_request(self, endpoint: str, status: str) -> None:
+        self.api_requests.labels(endpoint, status).inc()
+
+    def assignment_finished(self, seconds: float, outcome: str) -> None:
+        self.assignment_duration.labels(outcome).observe(seconds)

@@ -1,0 +1,355 @@
+"""The Trio runtime around the election core: a UDP socket, and one task that owns the core.
+
+One task (`_drive`) owns the `Election` object; everything else talks to it through a
+memory channel of inputs (packets, health changes, shut-down), so no two tasks ever share
+mutable election state. That task sleeps until the core's own `next_deadline`, so an idle
+node wakes only to send heartbeats, not on a polling timer.
+
+Embedding programs (the assigner, hooks, another Trio program using this as a library)
+get leadership three ways, all Trio-friendly: `subscribe()` yields every event on a memory
+channel (a slow subscriber misses events rather than slowing the election, so act on the
+current state); `is_leader()` reads the lease against the clock right now; and
+`wait_until_leader()` returns a cancel scope that is cancelled the instant leadership ends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import socket
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import trio
+
+from sidecar.config import Address, Config
+from sidecar.election import (
+    Election,
+    Event,
+    GainedLeadership,
+    LeaderChanged,
+    LostLeadership,
+    Ready,
+    Role,
+    View,
+)
+from sidecar.messages import Ack, Message
+from sidecar.protocol import MAX_PACKET_SIZE, Codec, MessageTooLarge
+
+log = logging.getLogger(__name__)
+
+#: Pending inputs before the receiver waits (the kernel's socket buffer then absorbs a burst).
+_INPUT_BUFFER = 256
+_SUBSCRIBER_BUFFER = 64
+
+
+@dataclass(frozen=True, slots=True)
+class _Packet:
+    sender: int
+    msg: Message
+
+
+@dataclass(frozen=True, slots=True)
+class _HealthChanged:
+    healthy: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Shutdown:
+    pass
+
+
+_Input = _Packet | _HealthChanged | _Shutdown
+
+
+@dataclass(slots=True)
+class Counters:
+    """Packet and event counts for /metrics and /status (drops live in the codec)."""
+
+    packets_received: int = 0
+    packets_sent: int = 0
+    send_errors: int = 0
+    elections: int = 0
+    leadership_gained: int = 0
+    leader_changes: int = 0
+    events_missed: int = 0
+
+
+EventListener = Callable[[Event, "Node"], None]
+
+
+class Node:
+    """A running cluster member. Create it, then `await node.run()` inside a nursery."""
+
+    def __init__(self, config: Config, *, rng: random.Random | None = None) -> None:
+        self.config = config
+        self.codec = Codec(
+            node_id=config.node_id,
+            key=config.cluster_key,
+            peer_ids=frozenset(config.peer_addresses),
+            incarnation=time.time_ns(),
+            max_clock_skew=config.max_clock_skew,
+        )
+        self._rng = rng or random.Random()
+        self.counters = Counters()
+        self._election: Election | None = None
+        self._inputs_tx, self._inputs_rx = trio.open_memory_channel[_Input](_INPUT_BUFFER)
+        self._subscribers: list[trio.MemorySendChannel[Event]] = []
+        self._listeners: list[EventListener] = []
+        self._lead_scope: trio.CancelScope | None = None
+        self._leadership_changed = trio.Event()
+        self._healthy_initially = True
+        self._sock: trio.socket.SocketType | None = None
+        self._addresses: dict[int, tuple[str, int]] = {}
+        self._stopped = trio.Event()
+        #: Called with (peer id, seconds) for every acknowledged heartbeat, e.g. by metrics.
+        self.rtt_observer: Callable[[int, float], None] | None = None
+
+    # ------------------------------------------------------------------ embedding API
+
+    @property
+    def election(self) -> Election:
+        if self._election is None:
+            raise RuntimeError("the node is not running yet")
+        return self._election
+
+    def is_leader(self) -> bool:
+        """Leader right now by the lease, even if the driving task has not run since a pause."""
+        return self._election is not None and (
+            self._election.role_at(trio.current_time()) is Role.LEADER
+        )
+
+    def view(self) -> View:
+        return self.election.view(trio.current_time())
+
+    def drop_counts(self) -> Mapping[str, int]:
+        return {str(reason): count for reason, count in self.codec.drops.items()}
+
+    def counter_values(self) -> Mapping[str, int]:
+        return dataclasses.asdict(self.counters)
+
+    def to_monotonic(self, trio_time: float) -> float:
+        """Convert a Trio clock reading to CLOCK_MONOTONIC, the clock logs share."""
+        return time.monotonic() - (trio.current_time() - trio_time)
+
+    async def wait_until_leader(self) -> trio.CancelScope:
+        """Return once this node leads, with a scope that is cancelled when it stops leading."""
+        while True:
+            if self.is_leader() and self._lead_scope is not None:
+                return self._lead_scope
+            await self._leadership_changed.wait()
+
+    def subscribe(self) -> trio.MemoryReceiveChannel[Event]:
+        """Every future event, on a channel; a full channel drops events (counted)."""
+        send, receive = trio.open_memory_channel[Event](_SUBSCRIBER_BUFFER)
+        self._subscribers.append(send)
+        return receive
+
+    def add_listener(self, listener: EventListener) -> None:
+        """Call `listener(event, node)` synchronously for each event; it must not block."""
+        self._listeners.append(listener)
+
+    def set_healthy(self, healthy: bool) -> None:
+        """The local service's health changed; safe to call from any task, never blocks."""
+        if self._election is None:
+            self._healthy_initially = healthy
+            return
+        try:
+            self._inputs_tx.send_nowait(_HealthChanged(healthy))
+        except trio.WouldBlock:
+            log.warning("input queue full; health change deferred to the next check")
+
+    def request_shutdown(self) -> None:
+        """Resign if leading, tell the peers, and make `run` return."""
+        try:
+            self._inputs_tx.send_nowait(_Shutdown())
+        except trio.WouldBlock:
+            log.warning("input queue full while shutting down; leaving without resigning")
+            self._stopped.set()
+
+    # ------------------------------------------------------------------ running
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Bind, start the election, and run until `request_shutdown()`."""
+        self._sock = await self._open_socket(self.config.bind)
+        self._addresses = {
+            peer_id: await self._resolve(address)
+            for peer_id, address in self.config.peer_addresses.items()
+        }
+        self._election = Election(
+            self.config.node_id,
+            self.config.members,
+            self.config.timing,
+            trio.current_time(),
+            self._rng,
+            healthy=self._healthy_initially,
+        )
+        log.info(
+            "node started",
+            extra={
+                "event": "started",
+                "bind": str(self.config.bind),
+                "members": len(self.config.members),
+                "quorum": self.config.quorum,
+                "eligible": self.config.eligible,
+                "profile": self.config.profile,
+            },
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._receive)
+                nursery.start_soon(self._drive)
+                task_status.started()
+                await self._stopped.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._sock.close()
+            if self._lead_scope is not None:
+                self._lead_scope.cancel()
+            for subscriber in self._subscribers:
+                subscriber.close()
+            log.info("node stopped", extra={"event": "stopped"})
+
+    async def _open_socket(self, address: Address) -> trio.socket.SocketType:
+        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+        sock = trio.socket.socket(family, socket.SOCK_DGRAM)
+        await sock.bind((address.host, address.port))
+        return sock
+
+    async def _resolve(self, address: Address) -> tuple[str, int]:
+        infos = await trio.socket.getaddrinfo(address.host, address.port, type=socket.SOCK_DGRAM)
+        host, port = infos[0][4][:2]
+        return str(host), int(port)
+
+    async def _receive(self) -> None:
+        assert self._sock is not None
+        while True:
+            data, _source = await self._sock.recvfrom(MAX_PACKET_SIZE + 1)
+            decoded = self.codec.decode(data, time.time())
+            if decoded is None:
+                continue  # counted by reason in the codec
+            self.counters.packets_received += 1
+            await self._inputs_tx.send(_Packet(decoded.sender, decoded.msg))
+
+    async def _drive(self) -> None:
+        """The one task that owns the election core."""
+        election = self.election
+        await self._apply(election.tick(trio.current_time()))
+        while True:
+            deadline = election.next_deadline(trio.current_time())
+            item: _Input | None = None
+            with trio.move_on_at(deadline):
+                item = await self._inputs_rx.receive()
+            now = trio.current_time()
+            before = election.role
+            match item:
+                case None:
+                    ready = election.tick(now)
+                case _Packet(sender, msg):
+                    ready = election.step(sender, msg, now)
+                    rtt = election.peers[sender].rtt
+                    if isinstance(msg, Ack) and rtt is not None and self.rtt_observer:
+                        self.rtt_observer(sender, rtt)
+                case _HealthChanged(healthy):
+                    log.info(
+                        "local service health changed",
+                        extra={"event": "health", "healthy": healthy},
+                    )
+                    ready = election.set_healthy(healthy, now)
+                case _Shutdown():
+                    ready = election.shutdown(now)
+                    await self._apply(ready)
+                    self._stopped.set()
+                    return
+            if election.role is Role.CANDIDATE and before is not Role.CANDIDATE:
+                self.counters.elections += 1
+                log.info("standing for election", extra=self._fields(now, event="candidate"))
+            await self._apply(ready)
+
+    async def _apply(self, ready: Ready) -> None:
+        for event in ready.events:
+            self._publish(event)
+        assert self._sock is not None
+        wall = time.time()
+        for out in ready.sends:
+            try:
+                data = self.codec.encode(out.msg, out.to, wall)
+            except MessageTooLarge:
+                log.error("message too large to send", extra={"to": out.to})
+                continue
+            try:
+                await self._sock.sendto(data, self._addresses[out.to])
+                self.counters.packets_sent += 1
+            except OSError as exc:
+                # A firewall, a missing route or a peer's ICMP "port unreachable" must not
+                # stop the election; liveness tracking notices the silence.
+                self.counters.send_errors += 1
+                log.debug("send failed", extra={"to": out.to, "error": exc.strerror})
+
+    # ------------------------------------------------------------------ events
+
+    def _fields(self, now: float, **extra: object) -> dict[str, object]:
+        election = self.election
+        return {
+            "term": election.term,
+            "role": str(election.role_at(now)),
+            "leader": election.leader_at(now),
+            **extra,
+        }
+
+    def _publish(self, event: Event) -> None:
+        match event:
+            case GainedLeadership():
+                self.counters.leadership_gained += 1
+                self._lead_scope = trio.CancelScope()
+                log.info(
+                    "gained leadership",
+                    extra=self._fields(
+                        event.at,
+                        event="gained",
+                        at_mono=self.to_monotonic(event.at),
+                        lease_until_mono=self.to_monotonic(event.lease_until),
+                    ),
+                )
+            case LostLeadership():
+                if self._lead_scope is not None:
+                    self._lead_scope.cancel()
+                    self._lead_scope = None
+                log.warning(
+                    "lost leadership",
+                    extra=self._fields(
+                        event.at,
+                        event="lost",
+                        reason=event.reason,
+                        at_mono=self.to_monotonic(event.at),
+                        lease_ended_mono=self.to_monotonic(event.lease_ended_at),
+                    ),
+                )
+            case LeaderChanged():
+                self.counters.leader_changes += 1
+                log.info(
+                    "leader changed",
+                    extra=self._fields(
+                        event.at,
+                        event="leader_changed",
+                        previous=event.previous,
+                        current=event.current,
+                    ),
+                )
+        if isinstance(event, GainedLeadership | LostLeadership):
+            self._leadership_changed.set()
+            self._leadership_changed = trio.Event()
+        for listener in self._listeners:
+            try:
+                listener(event, self)
+            except Exception:
+                log.exception("event listener failed", extra={"listener": repr(listener)})
+        for subscriber in list(self._subscribers):
+            try:
+                subscriber.send_nowait(event)
+            except trio.WouldBlock:
+                self.counters.events_missed += 1
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._subscribers.remove(subscriber)

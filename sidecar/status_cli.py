@@ -1,0 +1,60 @@
+"""`fip-sidecar status`: a node's /status rendered for a person."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import httpx
+
+
+def _age(value: float | None) -> str:
+    return "never" if value is None else f"{value:.2f}s ago"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.1f} ms"
+
+
+def render(status: dict[str, Any]) -> str:
+    """The status as a short report: who leads, this node's lease, each peer, the IP."""
+    lines = [
+        f"node {status['node_id']}: {status['role']} (term {status['term']}), "
+        f"leader {status['leader_id'] if status['leader_id'] is not None else 'none'}",
+        f"  eligible {status['eligible']}, healthy {status['healthy']}, viable {status['viable']}",
+    ]
+    if status.get("lease_remaining") is not None:
+        lines.append(f"  lease: {status['lease_remaining']:.3f}s left")
+    if status.get("in_startup_quiet"):
+        lines.append("  in start-up quiet period (casts no vote yet)")
+    lines.append("")
+    lines.append(
+        f"  {'peer':>4}  {'alive':<5}  {'eligible':<8}  {'healthy':<7}  "
+        f"{'leader':<6}  {'last heard':<12}  rtt"
+    )
+    for peer in status["peers"]:
+        leader = "-" if peer["leader_id"] is None else str(peer["leader_id"])
+        lines.append(
+            f"  {peer['id']:>4}  {peer['alive']!s:<5}  {peer['eligible']!s:<8}  "
+            f"{peer['healthy']!s:<7}  {leader:<6}  {_age(peer['last_heard_age']):<12}  "
+            f"{_ms(peer['rtt'])}"
+        )
+    for section in ("health", "floating_ip"):
+        if isinstance(status.get(section), dict):
+            lines.append("")
+            lines.append(f"  {section}:")
+            lines.extend(f"    {key}: {value}" for key, value in status[section].items())
+    return "\n".join(lines)
+
+
+def show_status(url: str, *, raw: bool = False) -> int:
+    try:
+        response = httpx.get(url.rstrip("/") + "/status", timeout=3.0)
+        response.raise_for_status()
+        status = response.json()
+    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        print(f"fip-sidecar: cannot read {url}/status: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(status, indent=2) if raw else render(status))
+    return 0
