@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 from collections.abc import Sequence
 
 import trio
 
-from sidecar import __version__, config, logs
-from sidecar.metrics import Metrics
-from sidecar.node import Node
+from sidecar import __version__, config, logs, service
+from sidecar.digitalocean import TokenError
 from sidecar.protocol import generate_cluster_key
-from sidecar.status import StatusApp, serve_status
 
 log = logging.getLogger("sidecar")
 
@@ -147,46 +144,12 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     logs.setup(args.log_level or loaded.log_level, node_id=loaded.node_id)
     try:
-        trio.run(_serve, loaded)
-    except OSError as exc:
+        trio.run(service.serve, loaded)
+    except (OSError, service.StartupError, TokenError) as exc:
         log.error("cannot start", extra={"event": "fatal", "error": str(exc)})
         print(f"fip-sidecar: cannot start: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
     return 0
-
-
-async def _serve(loaded: config.Config) -> None:
-    node = Node(loaded)
-    metrics = Metrics()
-    metrics.watch(node)
-    node.rtt_observer = lambda peer, rtt: metrics.rtt.labels(str(peer)).observe(rtt)
-    app = StatusApp(node, metrics)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_signal, node)
-        await nursery.start(_run_node_then_stop_all, node, nursery.cancel_scope)
-        await nursery.start(serve_status, app, loaded.status_listen)
-
-
-async def _run_node_then_stop_all(
-    node: Node,
-    everything: trio.CancelScope,
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """The node decides when the process ends: once it has resigned and stopped."""
-    await node.run(task_status=task_status)
-    everything.cancel()
-
-
-async def _stop_on_signal(node: Node) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            log.info(
-                "signal received; resigning and stopping",
-                extra={"event": "signal", "signal": signal.Signals(signum).name},
-            )
-            node.request_shutdown()
-            return
 
 
 if __name__ == "__main__":

@@ -21,7 +21,11 @@ from typing import Any, Literal
 
 import msgspec
 
+from sidecar.assigner import AssignerSettings
+from sidecar.digitalocean import DigitalOceanSettings
 from sidecar.election import Member, Timing
+from sidecar.health import HealthSettings
+from sidecar.hooks import HookSettings
 from sidecar.protocol import parse_cluster_key
 
 ENV_PREFIX = "FIP_SIDECAR_"
@@ -96,6 +100,10 @@ class FileSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fro
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     floating_ip: FloatingIpSettings | None = None
     reserved_ip: FloatingIpSettings | None = None  # the API's newer name; same meaning
+    digitalocean: DigitalOceanSettings = msgspec.field(default_factory=DigitalOceanSettings)
+    assigner: AssignerSettings = msgspec.field(default_factory=AssignerSettings)
+    health: HealthSettings = msgspec.field(default_factory=HealthSettings)
+    hooks: HookSettings = msgspec.field(default_factory=HookSettings)
 
 
 @dataclass(frozen=True)
@@ -123,6 +131,10 @@ class Config:
     max_clock_skew: float
     log_level: str
     floating_ip: FloatingIpSettings | None
+    digitalocean: DigitalOceanSettings
+    assigner: AssignerSettings
+    health: HealthSettings
+    hooks: HookSettings
     source: str
 
     @property
@@ -313,5 +325,9 @@ def _validate(raw: FileSettings, path: Path, env: Mapping[str, str]) -> Config:
         max_clock_skew=raw.max_clock_skew,
         log_level=raw.log_level,
         floating_ip=floating_ip,
+        digitalocean=raw.digitalocean,
+        assigner=raw.assigner,
+        health=raw.health,
+        hooks=raw.hooks,
         source=str(path),
     )

@@ -1,0 +1,136 @@
+"""Assemble one sidecar from its parts and run them in one nursery.
+
+The node (election) is the spine; the health checker feeds it, and the assigner, hooks and
+metrics hang off its leadership. Only this module knows all the parts, so each part stays
+testable alone and `cli.py` stays a thin shell.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+
+import msgspec
+import trio
+
+from sidecar.assigner import Assigner
+from sidecar.config import Config
+from sidecar.digitalocean import DigitalOceanClient, ProviderError, load_token
+from sidecar.election import Event, GainedLeadership, LeaderChanged, LostLeadership
+from sidecar.health import HealthChecker
+from sidecar.hooks import HookRunner
+from sidecar.metrics import Metrics
+from sidecar.node import EventListener, Node
+from sidecar.status import StatusApp, serve_status
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """The sidecar cannot start (e.g. the droplet id cannot be discovered); exit non-zero."""
+
+
+def _hook_listener(hooks: HookRunner) -> EventListener:
+    def on_event(event: Event, node: Node) -> None:
+        view = node.view()
+        match event:
+            case GainedLeadership():
+                hooks.notify("gained", str(view.role), event.term, view.leader_id)
+            case LostLeadership():
+                hooks.notify("lost", str(view.role), event.term, view.leader_id)
+            case LeaderChanged():
+                hooks.notify("leader_change", str(view.role), event.term, event.current)
+
+    return on_event
+
+
+async def _droplet_id(config: Config, client: DigitalOceanClient) -> int:
+    assert config.floating_ip is not None
+    if config.floating_ip.droplet_id is not None:
+        return config.floating_ip.droplet_id
+    try:
+        with trio.fail_after(30):
+            return await client.metadata_droplet_id()
+    except (ProviderError, trio.TooSlowError) as exc:
+        raise StartupError(
+            "floating_ip.droplet_id: not set and the metadata service did not answer "
+            f"({exc}); set it, or check digitalocean.metadata_url"
+        ) from None
+
+
+async def serve(config: Config) -> None:
+    """Run the sidecar until SIGTERM/SIGINT; a leader resigns before the process ends."""
+    node = Node(config)
+    metrics = Metrics()
+    metrics.watch(node)
+    node.rtt_observer = lambda peer, rtt: metrics.rtt.labels(str(peer)).observe(rtt)
+    app = StatusApp(node, metrics)
+
+    health = HealthChecker(config.health)
+    node.set_healthy(health.healthy)
+    app.add_section("health", lambda: msgspec.to_builtins(health.state))
+
+    hooks = HookRunner(
+        config.hooks,
+        config.node_id,
+        None if config.floating_ip is None else config.floating_ip.address,
+    )
+    node.add_listener(_hook_listener(hooks))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_signal, node)
+        await nursery.start(_run_node_then_stop_all, node, nursery.cancel_scope)
+        await nursery.start(serve_status, app, config.status_listen)
+        nursery.start_soon(health.run, node.set_healthy)
+        nursery.start_soon(hooks.run)
+        if config.floating_ip is not None:
+            await nursery.start(_run_assigner, config, node, metrics, app)
+
+
+async def _run_assigner(
+    config: Config,
+    node: Node,
+    metrics: Metrics,
+    app: StatusApp,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    assert config.floating_ip is not None
+    token = load_token(config.digitalocean)
+    async with DigitalOceanClient(config.digitalocean, token) as client:
+        droplet_id = await _droplet_id(config, client)
+        assigner = Assigner(
+            client,
+            config.floating_ip.address,
+            droplet_id,
+            node,
+            config.assigner,
+            random.Random(),
+            metrics,
+        )
+        app.add_section("floating_ip", lambda: msgspec.to_builtins(assigner.snapshot()))
+        task_status.started()
+        await assigner.run()
+
+
+async def _run_node_then_stop_all(
+    node: Node,
+    everything: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The node decides when the process ends: once it has resigned and stopped."""
+    await node.run(task_status=task_status)
+    everything.cancel()
+
+
+async def _stop_on_signal(node: Node) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info(
+                "signal received; resigning and stopping",
+                extra={"event": "signal", "signal": signal.Signals(signum).name},
+            )
+            node.request_shutdown()
+            return
