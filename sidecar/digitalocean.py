@@ -743,6 +743,10 @@ class DigitalOceanClient:
     def _decode(self, body: bytes, kind: type[_T], endpoint: str, status: int) -> _T:
         try:
             return msgspec.json.decode(body, type=kind, strict=True)
+        except RecursionError:  # msgspec on absurdly deep nesting
+            raise MalformedResponse(
+                "unexpected answer: nested too deeply", endpoint=endpoint, status=status
+            ) from None
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             # msgspec's messages name the path and the expected type, not the data.
             raise MalformedResponse(
@@ -754,7 +758,7 @@ class DigitalOceanClient:
         message = f"HTTP {answer.status}"
         try:
             body = msgspec.json.decode(answer.body, type=_ErrorBody)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
             pass
         else:
             api_id, request_id = self._scrub(body.id), self._scrub(body.request_id or "") or None
