@@ -15,6 +15,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from sidecar.election import Role, View
+from sidecar.health import HealthChecker
+from sidecar.hooks import HookRunner
 from sidecar.protocol import DropReason
 
 _RTT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -73,6 +75,38 @@ class _NodeCollector(Collector):
             yield CounterMetricFamily(f"fip_{name}", help_text, value=counters.get(name, 0))
 
 
+class _HealthCollector(Collector):
+    def __init__(self, checker: HealthChecker) -> None:
+        self._checker = checker
+
+    def collect(self) -> Iterator[Metric]:
+        state = self._checker.state
+        checks = CounterMetricFamily(
+            "fip_health_checks", "Health checks of the local service by result", labels=["result"]
+        )
+        checks.add_metric(["pass"], state.checks_total - state.failures_total)
+        checks.add_metric(["fail"], state.failures_total)
+        yield checks
+        yield CounterMetricFamily(
+            "fip_health_transitions",
+            "Healthy/unhealthy changes after hysteresis",
+            value=state.transitions,
+        )
+
+
+class _HookCollector(Collector):
+    def __init__(self, hooks: HookRunner) -> None:
+        self._hooks = hooks
+
+    def collect(self) -> Iterator[Metric]:
+        runs = CounterMetricFamily(
+            "fip_hook_runs", "Notify hook runs by event and outcome", labels=["event", "outcome"]
+        )
+        for (event, outcome), count in sorted(self._hooks.counts().items()):
+            runs.add_metric([event, outcome], count)
+        yield runs
+
+
 _COUNTERS = {
     "packets_received": "Authenticated packets accepted",
     "packets_sent": "Packets sent to peers",
@@ -124,6 +158,12 @@ class Metrics:
 
     def watch(self, source: NodeSource) -> None:
         self.registry.register(_NodeCollector(source))
+
+    def watch_health(self, checker: HealthChecker) -> None:
+        self.registry.register(_HealthCollector(checker))
+
+    def watch_hooks(self, hooks: HookRunner) -> None:
+        self.registry.register(_HookCollector(hooks))
 
     # The observer methods the assigner and hooks call (see their Protocols).
     def api_request(self, endpoint: str, status: str) -> None:

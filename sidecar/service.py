@@ -69,6 +69,7 @@ async def serve(config: Config) -> None:
 
     health = HealthChecker(config.health)
     node.set_healthy(health.healthy)
+    metrics.watch_health(health)
     app.add_section("health", lambda: msgspec.to_builtins(health.state))
 
     hooks = HookRunner(
@@ -77,6 +78,11 @@ async def serve(config: Config) -> None:
         None if config.floating_ip is None else config.floating_ip.address,
     )
     node.add_listener(_hook_listener(hooks))
+    metrics.watch_hooks(hooks)
+    app.add_section(
+        "hooks",
+        lambda: {"pending": hooks.pending, "last": msgspec.to_builtins(hooks.last_result)},
+    )
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal, node)
