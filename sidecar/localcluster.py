@@ -1,0 +1,821 @@
+"""A real cluster of sidecar processes on loopback, for tests, benchmarks and the demo.
+
+Every member is a real `fip-sidecar run` process with its own config file, UDP port, status
+port and JSON log file, so what a test sees here is what an operator would see: no
+in-process shortcuts. Optionally it also runs the DigitalOcean API emulator with its edge
+and one demo web service per droplet, so the floating IP visibly moves.
+
+Ports are picked free at run time on 127.0.0.1, every wait is bounded, and `stop()` ends
+exactly the processes this object started, by PID (also from a `with` block). Node logs
+share CLOCK_MONOTONIC (`mono`, `at_mono`, ...) with this process, so `time.monotonic()`
+here is directly comparable with the nodes' event times.
+
+`python -m sidecar.localcluster` (wired as `fip-sidecar demo`) starts the full demo and
+prints what to `curl` and what to kill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import math
+import os
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any
+
+import httpx
+
+from sidecar.protocol import generate_cluster_key
+
+Event = dict[str, Any]
+TimingValue = float | bool
+
+LOOPBACK = "127.0.0.1"
+DEFAULT_RESERVED_IP = "203.0.113.10"
+#: Droplet ids are config values (`floating_ip.droplet_id`), distinct from node ids on purpose.
+DROPLET_ID_BASE = 1000
+ELIGIBLE_REGION = "nyc1"
+WITNESS_REGION = "sfo3"  # like the real deployment: the witness lives in another region
+
+
+class ClusterError(Exception):
+    """The local cluster could not start, or a wait ran out; the message says which part."""
+
+
+class SplitBrainError(ClusterError):
+    """More than one node answered `role: leader` in one poll."""
+
+
+@dataclass
+class Member:
+    """One sidecar process and everything needed to (re)start and observe it."""
+
+    id: int
+    eligible: bool
+    udp_port: int
+    status_port: int
+    config_path: Path
+    log_path: Path
+    droplet_id: int
+    web_port: int | None = None
+    process: subprocess.Popen[bytes] | None = None
+    #: CLOCK_MONOTONIC right after each SIGKILL this cluster sent: the process cannot run
+    #: past it, so a leadership interval with no `lost` event ends there.
+    killed_at: list[float] = field(default_factory=list)
+
+    @property
+    def status_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.status_port}"
+
+    @property
+    def web_url(self) -> str | None:
+        return None if self.web_port is None else f"http://{LOOPBACK}:{self.web_port}"
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+@dataclass
+class _Helper:
+    """A non-sidecar process (emulator, web service) and where its output goes."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    stdout_path: Path
+
+
+def free_port(kind: int, taken: set[int]) -> int:
+    """A port the kernel says is free on loopback now (SOCK_DGRAM or SOCK_STREAM).
+
+    There is a small window before the child binds it; ports are never reused inside one
+    cluster (`taken`), which is what matters for a single test run.
+    """
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, kind) as sock:
+            sock.bind((LOOPBACK, 0))
+            port = int(sock.getsockname()[1])
+        if port not in taken:
+            taken.add(port)
+            return port
+    raise ClusterError("could not find a free loopback port in 50 tries")
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def _toml_table(name: str, values: Mapping[str, object]) -> list[str]:
+    if not values:
+        return []
+    return [f"[{name}]", *(f"{key} = {_toml_value(v)}" for key, v in values.items()), ""]
+
+
+def _child_env() -> dict[str, str]:
+    """The environment for children, minus anything that would override their config files.
+
+    In particular a real `DIGITALOCEAN_TOKEN` in the caller's shell must never reach a
+    local cluster, and `FIP_SIDECAR_*` variables would silently change every node.
+    """
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("FIP_SIDECAR_")
+        and k not in ("DIGITALOCEAN_TOKEN", "FIP_EMULATOR_TOKEN")
+    }
+
+
+def read_events(path: Path) -> list[Event]:
+    """Every JSON object logged to `path`, in order; other lines (tracebacks) are skipped."""
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return []
+    events: list[Event] = []
+    for line in text.splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line still being written
+        if isinstance(record, dict):
+            events.append(record)
+    return events
+
+
+# ---------------------------------------------------------------------- leadership intervals
+
+
+@dataclass(frozen=True)
+class Interval:
+    """When one node believed it led, on CLOCK_MONOTONIC: [start, end)."""
+
+    node: int
+    start: float
+    end: float
+    term: int | None
+    end_reason: str
+
+
+def leadership_intervals(
+    node: int, events: Iterable[Event], killed_at: Sequence[float] = ()
+) -> list[Interval]:
+    """Intervals from one node's log: from `gained.at_mono` to the earlier of the `lost`
+    event's `at_mono` and `lease_ended_mono` (a node paused past its lease stopped leading
+    when the lease ended, not when it woke up and noticed).
+
+    A leader killed with SIGKILL logs no `lost`; its interval ends at the first kill time
+    after it started. One still open at the end of the log ends at +inf (still leading).
+    """
+    intervals: list[Interval] = []
+    open_start: float | None = None
+    open_term: int | None = None
+    kills = sorted(killed_at)
+
+    def close_by_kill(before: float) -> None:
+        nonlocal open_start
+        if open_start is None:
+            return
+        ends = [k for k in kills if k >= open_start]
+        end = ends[0] if ends and ends[0] <= before else before
+        intervals.append(Interval(node, open_start, end, open_term, "killed"))
+        open_start = None
+
+    for event in events:
+        kind = event.get("event")
+        if kind == "started" and open_start is not None:
+            # A new incarnation began while the old one never logged `lost`: it was killed.
+            close_by_kill(float(event.get("mono", math.inf)))
+        elif kind == "gained":
+            open_start = float(event["at_mono"])
+            open_term = event.get("term")
+        elif kind == "lost" and open_start is not None:
+            end = min(float(event["at_mono"]), float(event["lease_ended_mono"]))
+            intervals.append(Interval(node, open_start, end, open_term, str(event.get("reason"))))
+            open_start = None
+    if open_start is not None:
+        close_by_kill(math.inf)
+    return intervals
+
+
+def overlaps(intervals: Iterable[Interval]) -> list[tuple[Interval, Interval]]:
+    """Every pair of intervals of different nodes that share an instant."""
+    ordered = sorted(intervals, key=lambda i: i.start)
+    found: list[tuple[Interval, Interval]] = []
+    for a, b in itertools.combinations(ordered, 2):
+        if a.node != b.node and a.start < b.end and b.start < a.end:
+            found.append((a, b))
+    return found
+
+
+# ---------------------------------------------------------------------- the cluster
+
+
+class LocalCluster:
+    """Start, observe, disturb and stop a local cluster. Use as a context manager.
+
+    `size` members with ids 1..size; `witnesses` (default: the highest id) vote but never
+    lead. `timing` overrides the `[timing]` section (e.g. `{"preempt_delay": 1.0}`).
+    `with_ip` also starts the emulator, its edge and one demo web service per droplet, and
+    configures `[floating_ip]`, `[digitalocean]` and an HTTP `[health]` check per node.
+    """
+
+    def __init__(
+        self,
+        workdir: Path | str | None = None,
+        *,
+        size: int = 3,
+        witnesses: Iterable[int] | None = None,
+        timing: Mapping[str, TimingValue] | None = None,
+        profile: str = "lan",
+        with_ip: bool = False,
+        health: Mapping[str, object] | None = None,
+        reserved_ip: str = DEFAULT_RESERVED_IP,
+        emulator_flags: Sequence[str] = ("--action-seconds", "0.5"),
+        log_level: str = "info",
+        ready_timeout: float = 20.0,
+        python: str = sys.executable,
+    ) -> None:
+        if size < 1:
+            raise ValueError("size must be >= 1")
+        self._tempdir: tempfile.TemporaryDirectory[str] | None = None
+        if workdir is None:
+            self._tempdir = tempfile.TemporaryDirectory(prefix="fip-localcluster-")
+            workdir = self._tempdir.name
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.size = size
+        witness_ids = {size} if witnesses is None else set(witnesses)
+        if size == 1:
+            witness_ids = set()
+        self.timing = dict(timing or {})
+        self.profile = profile
+        self.with_ip = with_ip
+        self.health = dict(health or {})
+        self.reserved_ip = reserved_ip
+        self.emulator_flags = tuple(emulator_flags)
+        self.log_level = log_level
+        self.ready_timeout = ready_timeout
+        self.python = python
+        self.emulator_url: str | None = None
+        self.edge_url: str | None = None
+        self._helpers: list[_Helper] = []
+        self._taken_ports: set[int] = set()
+        self._http = httpx.Client(trust_env=False, timeout=1.0)
+        self.key_path = self.workdir / "cluster.key"
+        self.token_path = self.workdir / "do_token"
+        self.members: dict[int, Member] = {}
+        for node in range(1, size + 1):
+            self.members[node] = Member(
+                id=node,
+                eligible=node not in witness_ids,
+                udp_port=free_port(socket.SOCK_DGRAM, self._taken_ports),
+                status_port=free_port(socket.SOCK_STREAM, self._taken_ports),
+                config_path=self.workdir / f"node{node}.toml",
+                log_path=self.workdir / f"node{node}.log",
+                droplet_id=DROPLET_ID_BASE + node,
+                web_port=free_port(socket.SOCK_STREAM, self._taken_ports) if with_ip else None,
+            )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> LocalCluster:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def nodes(self) -> list[int]:
+        return sorted(self.members)
+
+    def write_files(self) -> None:
+        """The cluster key and every node's config; `start()` calls this."""
+        self.key_path.write_text(generate_cluster_key() + "\n")
+        self.key_path.chmod(0o600)
+        for member in self.members.values():
+            member.config_path.write_text(self.config_text(member.id))
+
+    def config_text(self, node: int) -> str:
+        """The TOML one member runs with (ports and paths filled in)."""
+        me = self.members[node]
+        lines = [
+            f"node_id = {node}",
+            f'bind = "{LOOPBACK}:{me.udp_port}"',
+            f'status_listen = "{LOOPBACK}:{me.status_port}"',
+            f"cluster_key_file = {_toml_value(str(self.key_path))}",
+            f'profile = "{self.profile}"',
+            f'log_level = "{self.log_level}"',
+        ]
+        if not me.eligible:
+            lines.append("eligible = false")
+        lines.append("")
+        for peer in self.members.values():
+            if peer.id == node:
+                continue
+            lines += [
+                "[[peers]]",
+                f"id = {peer.id}",
+                f'address = "{LOOPBACK}:{peer.udp_port}"',
+                f"eligible = {_toml_value(peer.eligible)}",
+                "",
+            ]
+        lines += _toml_table("timing", self.timing)
+        if self.with_ip:
+            if self.emulator_url is None:
+                raise ClusterError("start the emulator before writing configs with an IP")
+            lines += _toml_table(
+                "floating_ip", {"address": self.reserved_ip, "droplet_id": me.droplet_id}
+            )
+            lines += _toml_table(
+                "digitalocean",
+                {
+                    "api_url": self.emulator_url,
+                    "token_file": str(self.token_path),
+                    "metadata_url": f"{self.emulator_url}/metadata/droplets/{me.droplet_id}",
+                },
+            )
+            lines += _toml_table("health", {"http": f"{me.web_url}/healthz", **self.health})
+        return "\n".join(lines) + "\n"
+
+    def start(self) -> None:
+        """Start everything and wait until every status port answers (bounded)."""
+        if self.with_ip:
+            self._start_web_services()
+            self._start_emulator()
+        self.write_files()
+        for member in self.members.values():
+            self._spawn(member)
+        for node in self.members:
+            self.wait_ready(node)
+
+    def _spawn(self, member: Member) -> None:
+        log = member.log_path.open("ab")
+        try:
+            member.process = subprocess.Popen(
+                [self.python, "-m", "sidecar.cli", "run", "--config", str(member.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=_child_env(),
+                # Own session: a Ctrl-C in the demo's terminal reaches only the demo, which
+                # then stops its children in order.
+                start_new_session=True,
+            )
+        finally:
+            log.close()
+        (self.workdir / f"node{member.id}.pid").write_text(f"{member.process.pid}\n")
+
+    def start_node(self, node: int, *, wait: bool = True) -> None:
+        """Start a member that is not running (its log file is appended to)."""
+        member = self.members[node]
+        if member.running():
+            raise ClusterError(f"node {node} is already running (pid {member.pid})")
+        self._spawn(member)
+        if wait:
+            self.wait_ready(node)
+
+    def restart(self, node: int, sig: int = signal.SIGKILL, *, wait: bool = True) -> None:
+        """Stop a member with `sig` (if it runs), wait for it to exit, start it again."""
+        if self.members[node].running():
+            self.kill(node, sig)
+            self.wait_exit(node)
+        self.start_node(node, wait=wait)
+
+    def wait_ready(self, node: int, timeout: float | None = None) -> None:
+        """Until the node's /status answers; fail early if the process exits."""
+        member = self.members[node]
+        deadline = time.monotonic() + (timeout or self.ready_timeout)
+        while time.monotonic() < deadline:
+            if not member.running():
+                raise ClusterError(
+                    f"node {node} exited with {self._returncode(member)} while starting; "
+                    f"log {member.log_path}:\n{self.log_tail(node)}"
+                )
+            if self.status(node) is not None:
+                return
+            time.sleep(0.05)
+        raise ClusterError(
+            f"node {node} did not answer on {member.status_url} within "
+            f"{timeout or self.ready_timeout}s; log:\n{self.log_tail(node)}"
+        )
+
+    @staticmethod
+    def _returncode(member: Member) -> int | None:
+        return None if member.process is None else member.process.returncode
+
+    def stop(self) -> None:
+        """End every process this cluster started, by PID: SIGTERM (so leaders resign and
+        logs end cleanly), SIGCONT for paused ones, then SIGKILL whatever is left after a
+        few seconds. Safe to call twice."""
+        processes = [m.process for m in self.members.values() if m.process is not None]
+        processes += [h.process for h in self._helpers]
+        for process in processes:
+            if process.poll() is None:
+                for sig in (signal.SIGTERM, signal.SIGCONT):
+                    with contextlib.suppress(ProcessLookupError):
+                        process.send_signal(sig)
+        deadline = time.monotonic() + 5.0
+        for process in processes:
+            try:
+                process.wait(timeout=max(0.05, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=5.0)
+        self._helpers.clear()
+        self._http.close()
+        self._http = httpx.Client(trust_env=False, timeout=1.0)
+
+    def cleanup(self) -> None:
+        """`stop()`, then delete the work directory if this cluster created it."""
+        self.stop()
+        if self._tempdir is not None:
+            self._tempdir.cleanup()
+            self._tempdir = None
+
+    # ------------------------------------------------------------------ disturbing
+
+    def kill(self, node: int, sig: int = signal.SIGKILL) -> float:
+        """Send `sig` to the node's process; return time.monotonic() taken just before."""
+        member = self.members[node]
+        if member.process is None or not member.running():
+            raise ClusterError(f"node {node} is not running")
+        before = time.monotonic()
+        os.kill(member.process.pid, sig)
+        if sig == signal.SIGKILL:
+            member.killed_at.append(time.monotonic())
+        return before
+
+    def pause(self, node: int) -> float:
+        """SIGSTOP: the process freezes mid-whatever, like a long GC pause or a stalled VM."""
+        return self.kill(node, signal.SIGSTOP)
+
+    def resume(self, node: int) -> float:
+        return self.kill(node, signal.SIGCONT)
+
+    def wait_exit(self, node: int, timeout: float = 10.0) -> int:
+        """Wait for the node's process to end and return its exit status."""
+        process = self.members[node].process
+        if process is None:
+            raise ClusterError(f"node {node} was never started")
+        try:
+            return process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise ClusterError(f"node {node} did not exit within {timeout}s") from None
+
+    # ------------------------------------------------------------------ observing
+
+    def status(self, node: int, timeout: float = 1.0) -> dict[str, Any] | None:
+        """The node's /status JSON, or None if it does not answer in time."""
+        try:
+            response = self._http.get(f"{self.members[node].status_url}/status", timeout=timeout)
+        except httpx.HTTPError:
+            return None
+        if response.status_code != 200:
+            return None
+        body = response.json()
+        return body if isinstance(body, dict) else None
+
+    def statuses(self, timeout: float = 0.5) -> dict[int, dict[str, Any] | None]:
+        return {
+            node: self.status(node, timeout) if self.members[node].running() else None
+            for node in self.nodes
+        }
+
+    def leaders(self, timeout: float = 0.5) -> list[int]:
+        """Every node whose /status says `role: leader` right now."""
+        return [
+            node
+            for node, body in self.statuses(timeout).items()
+            if body is not None and body.get("role") == "leader"
+        ]
+
+    def leader(self, timeout: float = 0.5) -> int | None:
+        """The one node that says it leads, None if none does; SplitBrainError if several."""
+        found = self.leaders(timeout)
+        if len(found) > 1:
+            raise SplitBrainError(f"nodes {found} all report role=leader")
+        return found[0] if found else None
+
+    def wait_for_leader(
+        self,
+        timeout: float = 10.0,
+        *,
+        expect: int | None = None,
+        agreed: bool = True,
+        poll_interval: float = 0.05,
+    ) -> int:
+        """Until one node leads (and, if `agreed`, every running node names it as leader_id).
+
+        With `expect`, until that node leads. Raises ClusterError on timeout.
+        """
+        deadline = time.monotonic() + timeout
+        seen: dict[int, dict[str, Any] | None] = {}
+        while time.monotonic() < deadline:
+            seen = self.statuses()
+            leading = [n for n, b in seen.items() if b is not None and b.get("role") == "leader"]
+            if len(leading) > 1:
+                raise SplitBrainError(f"nodes {leading} all report role=leader")
+            if leading and (expect is None or leading[0] == expect):
+                who = leading[0]
+                answering = [b for b in seen.values() if b is not None]
+                if not agreed or all(b.get("leader_id") == who for b in answering):
+                    return who
+            time.sleep(poll_interval)
+        summary = {
+            n: None if b is None else (b.get("role"), b.get("leader_id"), b.get("term"))
+            for n, b in seen.items()
+        }
+        raise ClusterError(
+            f"no agreed leader{'' if expect is None else f' {expect}'} within {timeout}s: "
+            f"(role, leader_id, term) per node: {summary}"
+        )
+
+    def events(self, node: int, kind: str | None = None) -> list[Event]:
+        """The node's parsed JSON log lines (every incarnation), optionally one `event` kind."""
+        found = read_events(self.members[node].log_path)
+        return found if kind is None else [e for e in found if e.get("event") == kind]
+
+    def wait_for_event(
+        self,
+        node: int,
+        predicate: Callable[[Event], bool],
+        timeout: float = 10.0,
+    ) -> Event:
+        """The first logged event of `node` matching `predicate`, waiting for it (bounded)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for event in self.events(node):
+                if predicate(event):
+                    return event
+            if time.monotonic() >= deadline:
+                raise ClusterError(f"node {node}: no matching event within {timeout}s")
+            time.sleep(0.02)
+
+    def intervals(self) -> list[Interval]:
+        """Every node's leadership intervals, from the logs (see `leadership_intervals`)."""
+        return [
+            interval
+            for member in self.members.values()
+            for interval in leadership_intervals(
+                member.id, self.events(member.id), member.killed_at
+            )
+        ]
+
+    def log_tail(self, node: int, lines: int = 20) -> str:
+        try:
+            text = self.members[node].log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    # ------------------------------------------------------------------ the emulator side
+
+    def emulator_history(self) -> list[dict[str, Any]]:
+        """Every assignment the emulator recorded (droplet id, monotonic timestamps)."""
+        if self.emulator_url is None:
+            raise ClusterError("this cluster runs without the emulator (with_ip=False)")
+        response = self._http.get(f"{self.emulator_url}/_emulator/history", timeout=2.0)
+        response.raise_for_status()
+        history = response.json()
+        if not isinstance(history, list):
+            raise ClusterError(f"unexpected history from the emulator: {history!r}")
+        return history
+
+    def set_web_health(self, node: int, healthy: bool) -> None:
+        """Fail or recover the demo web service beside `node`."""
+        url = self.members[node].web_url
+        if url is None:
+            raise ClusterError("this cluster runs without web services (with_ip=False)")
+        response = self._http.post(f"{url}/{'recover' if healthy else 'fail'}", timeout=2.0)
+        response.raise_for_status()
+
+    def _start_helper(self, name: str, argv: list[str]) -> _Helper:
+        stdout_path = self.workdir / f"{name}.out"
+        stderr_path = self.workdir / f"{name}.log"
+        with stdout_path.open("wb") as out, stderr_path.open("ab") as err:
+            process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                env=_child_env(),
+                start_new_session=True,
+            )
+        helper = _Helper(name, process, stdout_path)
+        self._helpers.append(helper)
+        return helper
+
+    def _wait_line(self, helper: _Helper, prefix: str) -> str:
+        """The helper's first stdout line starting with `prefix` (its ready line), bounded."""
+        deadline = time.monotonic() + self.ready_timeout
+        while time.monotonic() < deadline:
+            for line in helper.stdout_path.read_text(errors="replace").splitlines():
+                if line.startswith(prefix):
+                    return line
+            if helper.process.poll() is not None:
+                err = (self.workdir / f"{helper.name}.log").read_text(errors="replace")
+                raise ClusterError(
+                    f"{helper.name} exited with {helper.process.returncode}: {err[-2000:]}"
+                )
+            time.sleep(0.05)
+        raise ClusterError(f"{helper.name} printed no ready line within {self.ready_timeout}s")
+
+    def _start_web_services(self) -> None:
+        started = []
+        for member in self.members.values():
+            argv = [
+                self.python,
+                "-m",
+                "sidecar.demo_web",
+                "--listen",
+                f"{LOOPBACK}:{member.web_port}",
+                "--name",
+                f"droplet {member.droplet_id} (node {member.id})",
+            ]
+            started.append(self._start_helper(f"web{member.id}", argv))
+        for helper in started:
+            self._wait_line(helper, "demo web ")
+
+    def _start_emulator(self) -> None:
+        self.token_path.write_text(secrets.token_hex(32) + "\n")
+        self.token_path.chmod(0o600)
+        argv = [
+            self.python,
+            "-m",
+            "sidecar.emulator",
+            "--listen",
+            f"{LOOPBACK}:0",
+            "--edge-listen",
+            f"{LOOPBACK}:0",
+            "--token-file",
+            str(self.token_path),
+            "--reserved-ip",
+            f"{self.reserved_ip}={ELIGIBLE_REGION}",
+            *self.emulator_flags,
+        ]
+        for member in self.members.values():
+            argv += [
+                "--droplet",
+                f"{member.droplet_id}={ELIGIBLE_REGION if member.eligible else WITNESS_REGION}"
+                f"={member.web_url}",
+            ]
+        line = self._wait_line(self._start_helper("emulator", argv), "emulator listening on ")
+        words = line.split()
+        self.emulator_url = words[3]
+        self.edge_url = words[words.index("edge") + 2] if "edge" in words else None
+
+
+# ---------------------------------------------------------------------- the demo
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `demo` flags."""
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="where configs, keys and logs go (default: a new temporary directory, "
+        "deleted at the end)",
+    )
+    parser.add_argument(
+        "--nodes", type=int, choices=[3, 5], default=3, help="members (the last is a witness)"
+    )
+    parser.add_argument(
+        "--preempt-delay",
+        type=float,
+        default=10.0,
+        help="seconds a returning lower-id node waits before taking the IP back",
+    )
+    parser.add_argument(
+        "--action-seconds",
+        type=float,
+        default=1.0,
+        help="how long the emulated API takes to move the IP",
+    )
+
+
+def _print_demo(cluster: LocalCluster, leader: int) -> None:
+    fip_sidecar = f"{shlex.quote(sys.executable)} -m sidecar.cli"
+    lead = cluster.members[leader]
+    print(f"\nfip-sidecar local demo is up (files and logs in {cluster.workdir})\n")
+    print(f"  floating IP {cluster.reserved_ip} via the edge:  curl -s {cluster.edge_url}/")
+    print(f"  emulator API {cluster.emulator_url}")
+    print(f"    who held the IP when:  curl -s {cluster.emulator_url}/_emulator/history")
+    for member in cluster.members.values():
+        kind = "eligible" if member.eligible else "witness "
+        print(
+            f"  node {member.id} ({kind}) pid {member.pid}  status {member.status_url}/status"
+            f"  web {member.web_url}  log {member.log_path}"
+        )
+    print("\nWatch the IP (one line every half second):")
+    print(f"  while sleep 0.5; do curl -s -m 1 {cluster.edge_url}/; done")
+    print(f"\nNode {leader} leads now. Crash it and watch the IP move:")
+    print(f"  kill -9 {lead.pid}")
+    print("or fail its web service (a health failover; the leader resigns):")
+    print(f"  curl -s -X POST {lead.web_url}/fail      # and later: .../recover")
+    print("or stop it cleanly (it resigns first, so the hand-over takes one round trip):")
+    print(f"  kill -TERM {lead.pid}")
+    print("Start a stopped node again (it takes the IP back after its preempt delay):")
+    print(f"  {fip_sidecar} run --config {lead.config_path} 2>>{lead.log_path} &")
+    print(f"Any node's view:  {fip_sidecar} status --url {lead.status_url}")
+    print("\nCtrl-C stops everything.\n", flush=True)
+
+
+class _Stop(Exception):
+    pass
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start the demo, report leader changes as they happen, tear down on Ctrl-C/SIGTERM."""
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        raise _Stop
+
+    previous = signal.signal(signal.SIGTERM, on_signal)
+    cluster = LocalCluster(
+        args.workdir,
+        size=args.nodes,
+        timing={"preempt_delay": args.preempt_delay},
+        with_ip=True,
+        emulator_flags=("--action-seconds", str(args.action_seconds)),
+    )
+    try:
+        print("starting the emulator, 3 web services and the sidecars ...", flush=True)
+        cluster.start()
+        _print_demo(cluster, cluster.wait_for_leader(timeout=30.0))
+        shown: tuple[int | None, int | None] = (None, None)
+        while True:  # until Ctrl-C / SIGTERM: a demo runs as long as the person wants
+            leader: int | None = None
+            try:
+                leader = cluster.leader()
+            except SplitBrainError as exc:
+                print(f"!! {exc}", flush=True)
+            history = cluster.emulator_history()
+            holder = history[-1]["droplet_id"] if history else None
+            if (leader, holder) != shown:
+                stamp = time.strftime("%H:%M:%S")
+                print(f"[{stamp}] leader: node {leader}; IP on droplet {holder}", flush=True)
+                shown = (leader, holder)
+            time.sleep(0.5)
+    except (KeyboardInterrupt, _Stop):
+        print("\nstopping ...", flush=True)
+        return 0
+    except ClusterError as exc:
+        print(f"fip-sidecar demo: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if args.workdir is None:
+            cluster.cleanup()
+        else:
+            cluster.stop()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m sidecar.localcluster",
+        description="Run a local demo: the DigitalOcean API emulator with its edge, one web "
+        "service per droplet and a sidecar beside each; kill the leader and watch the IP move.",
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
