@@ -351,8 +351,9 @@ def _new_http_client() -> httpx.AsyncClient:
     """One client for the checker's lifetime, that sends nothing but a plain GET.
 
     No redirects (a login redirect is not "healthy" unless 3xx is in the expected range);
-    `trust_env=False` so no proxy from the environment and no ~/.netrc credentials; a
-    cookie jar that refuses every cookie so nothing the service sets is ever sent back.
+    `trust_env=False` so a proxy set in the environment never sees (or breaks) a local
+    check; no auth; a cookie jar that refuses every cookie so nothing the service sets is
+    ever sent back.
     Timeouts come from the checker's trio cancel scope, so httpx's own are off.
     """
     refuse_all = http.cookiejar.DefaultCookiePolicy(allowed_domains=[])
@@ -400,7 +401,7 @@ async def _probe_command(argv: Sequence[str], *, time_limit: float) -> CheckResu
     if code == 0:
         return CheckResult(True, "exit 0")
     what = f"killed by signal {-code}" if code < 0 else f"exit {code}"
-    return CheckResult(False, f"{what}: {summary}" if summary else what)
+    return CheckResult(False, _truncate(f"{what}: {summary}") if summary else what)
 
 
 def describe_failure(exc: BaseException) -> str:
