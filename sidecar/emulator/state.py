@@ -161,7 +161,10 @@ class AccountState:
 
     def add_reserved_ip(self, ip: str, region: str, droplet_id: int | None = None) -> ReservedIP:
         """Add an IP, optionally already pointing at a droplet (recorded as `initial`)."""
-        address = str(ipaddress.IPv4Address(ip))
+        try:
+            address = str(ipaddress.IPv4Address(ip))
+        except ValueError:
+            raise ValueError(f"reserved IP {ip!r} is not an IPv4 address") from None
         if address in self.reserved_ips:
             raise ValueError(f"reserved IP {address} is listed twice")
         reserved = ReservedIP(address, region)
@@ -270,8 +273,8 @@ class AccountState:
         for entry in self.history:
             if entry.reserved_ip != ip:
                 continue
-            if entry.completed_clock > at_clock:
-                break
+            if entry.completed_clock > at_clock and entry.source != "initial":
+                break  # an initial holder has held the IP since before time began
             holder = entry.droplet_id
         return holder
 
