@@ -48,6 +48,9 @@ logger = logging.getLogger(__name__)
 
 _Result = TypeVar("_Result", ReservedIP, Action)
 
+# How long to wait when the leadership view hands back a scope that was already used.
+_STALE_SCOPE_RETRY_DELAY = 0.1
+
 # DigitalOcean's published per-token limits; a node's budget may not exceed them.
 DO_REQUESTS_PER_MINUTE = 250
 DO_REQUESTS_PER_HOUR = 5000
@@ -195,7 +198,12 @@ class RequestBudget:
         return max(0.0, wait)
 
     async def acquire(self) -> None:
-        """Wait until a request fits the budget, then count it as sent."""
+        """Wait until a request fits the budget, then count it as sent.
+
+        Always a checkpoint (trio's convention), so a cancelled caller stops here even
+        when the budget has room, before any request is built.
+        """
+        await trio.lowlevel.checkpoint()
         while True:
             now = trio.current_time()
             wait = self.wait_needed(now)
@@ -313,8 +321,15 @@ class Assigner:
 
     async def run(self) -> NoReturn:
         """Forever: wait for leadership, then reconcile until it is lost."""
+        used: trio.CancelScope | None = None
         while True:
             scope = await self._leadership.wait_until_leader()
+            if scope is used:
+                # The view says "leader" but still holds the scope of the term that just
+                # ended (a scope can be entered once): give it a moment to catch up.
+                await trio.sleep(_STALE_SCOPE_RETRY_DELAY)
+                continue
+            used = scope
             self._leading = True
             logger.info("gained leadership: taking the reserved IP", extra=self._log_fields)
             try:

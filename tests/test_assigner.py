@@ -1,0 +1,700 @@
+"""The leader-only assigner, driven in virtual time against a scripted reserved-IP API.
+
+`FakeDO` is a small stand-in for the API (shapes from the OpenAPI excerpt) behind
+`httpx.MockTransport`, so the real `DigitalOceanClient` runs end to end, and each test
+can script faults per request. Every test runs under `MockClock(autojump_threshold=0)`
+(pytest-trio's `autojump_clock`), so hours of retries take milliseconds and every time
+asserted is virtual time, never wall-clock speed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+import trio
+import trio.testing
+
+from sidecar.assigner import Assigner, AssignerSettings, RequestBudget
+from sidecar.digitalocean import APIToken, DigitalOceanClient, DigitalOceanSettings
+
+TOKEN_TEXT = "dop_v1_" + "c0ffee" * 10
+TOKEN = APIToken(TOKEN_TEXT)
+IP = "203.0.113.10"
+ME = 1001
+OTHER = 1002
+THIRD = 1003
+REGION = {"name": "New York 3", "slug": "nyc3", "available": True, "features": [], "sizes": []}
+CLIENT_SETTINGS = DigitalOceanSettings(
+    api_url="http://127.0.0.1:1", metadata_url="http://127.0.0.1:1", request_timeout=300.0
+)
+
+Override = Callable[[httpx.Request], Awaitable[httpx.Response | None]]
+
+
+def error(status: int, error_id: str, message: str, **headers: str) -> httpx.Response:
+    return httpx.Response(status, json={"id": error_id, "message": message}, headers=headers)
+
+
+class FakeDO:
+    """The reserved-IP API for one IP, in trio time. `override` can answer any request first."""
+
+    def __init__(self, holder: int | None, *, action_seconds: float = 2.0) -> None:
+        self.holder = holder
+        self.action_seconds = action_seconds
+        self.lock_while_pending = True
+        self.actions_never_finish = False
+        self.fail_next_action = False
+        self.actions_unknown = False  # reading an action by id answers 404
+        self.override: Override | None = None
+        self.requests: list[tuple[float, str, str]] = []
+        self.posts: list[tuple[float, int]] = []
+        self._actions: dict[int, dict[str, Any]] = {}
+        self._pending: int | None = None
+        self._next_id = 500
+
+    def reads(self) -> list[float]:
+        return [t for t, method, path in self.requests if method == "GET" and path.endswith(IP)]
+
+    def _settle(self, now: float) -> None:
+        if self._pending is None:
+            return
+        action = self._actions[self._pending]
+        if now >= action["done_at"]:
+            if action["fails"]:
+                action["status"] = "errored"
+            else:
+                action["status"] = "completed"
+                self.holder = action["target"]
+            self._pending = None
+
+    def _action_body(self, action_id: int) -> dict[str, Any]:
+        action = self._actions[action_id]
+        return {
+            "action": {
+                "id": action_id,
+                "status": action["status"],
+                "type": "assign_ip",
+                "started_at": "2026-11-29T12:00:00Z",
+                "completed_at": None,
+                "resource_id": 3405803786,
+                "resource_type": "reserved_ip",
+                "region": REGION,
+                "region_slug": "nyc3",
+            }
+        }
+
+    async def handler(self, request: httpx.Request) -> httpx.Response:
+        now = trio.current_time()
+        path = request.url.path
+        self.requests.append((now, request.method, path))
+        assert request.headers["authorization"] == f"Bearer {TOKEN_TEXT}"
+        if self.override is not None:
+            answer = await self.override(request)
+            if answer is not None:
+                return answer
+        self._settle(now)
+        if request.method == "GET" and path == f"/v2/reserved_ips/{IP}":
+            droplet = None if self.holder is None else {"id": self.holder, "name": "web"}
+            locked = self._pending is not None and self.lock_while_pending
+            body = {"ip": IP, "droplet": droplet, "region": REGION, "locked": locked}
+            return httpx.Response(200, json={"reserved_ip": body, "links": {}})
+        if request.method == "POST" and path == f"/v2/reserved_ips/{IP}/actions":
+            payload = json.loads(request.content)
+            assert payload["type"] == "assign", "the assigner never unassigns"
+            if self._pending is not None and self.lock_while_pending:
+                return error(422, "unprocessable_entity", "The reserved IP has a pending event.")
+            if self.holder == payload["droplet_id"]:
+                return error(422, "unprocessable_entity", "The reserved IP is already assigned.")
+            self.posts.append((now, payload["droplet_id"]))
+            self._next_id += 1
+            done_at = float("inf") if self.actions_never_finish else now + self.action_seconds
+            self._actions[self._next_id] = {
+                "status": "in-progress",
+                "target": payload["droplet_id"],
+                "done_at": done_at,
+                "fails": self.fail_next_action,
+            }
+            self.fail_next_action = False
+            self._pending = self._next_id
+            return httpx.Response(201, json=self._action_body(self._next_id))
+        parts = path.split("/")
+        if request.method == "GET" and parts[-2] == "actions":
+            action_id = int(parts[-1])
+            if self.actions_unknown or action_id not in self._actions:
+                return error(404, "not_found", "The resource you requested could not be found.")
+            return httpx.Response(200, json=self._action_body(action_id))
+        return error(404, "not_found", "no such route")
+
+
+class FakeLeadership:
+    """The node's side of the seam: `gain()` hands out a fresh scope, `lose()` cancels it."""
+
+    def __init__(self) -> None:
+        self.leading = False
+        self.paused = False  # a paused node: the scope is still open but the lease is gone
+        self.scope: trio.CancelScope | None = None
+        self.waits: list[float] = []
+        self._changed = trio.Event()
+
+    def is_leader(self) -> bool:
+        return self.leading and not self.paused
+
+    async def wait_until_leader(self) -> trio.CancelScope:
+        self.waits.append(trio.current_time())
+        while not self.leading:
+            await self._changed.wait()
+        assert self.scope is not None
+        return self.scope
+
+    def gain(self) -> None:
+        self.leading = True
+        self.scope = trio.CancelScope()
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def lose(self) -> None:
+        self.leading = False
+        assert self.scope is not None
+        self.scope.cancel()
+
+
+class RecordingObserver:
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str]] = []
+        self.assignments: list[tuple[float, str]] = []
+
+    def api_request(self, endpoint: str, status: str) -> None:
+        self.requests.append((endpoint, status))
+
+    def assignment_finished(self, seconds: float, outcome: str) -> None:
+        self.assignments.append((seconds, outcome))
+
+
+def start(
+    nursery: trio.Nursery,
+    fake: FakeDO,
+    leadership: FakeLeadership,
+    settings: AssignerSettings | None = None,
+    *,
+    observer: RecordingObserver | None = None,
+    wall_clock: Callable[[], float] | None = None,
+    seed: int = 7,
+) -> Assigner:
+    extra: dict[str, Any] = {} if wall_clock is None else {"wall_clock": wall_clock}
+    client = DigitalOceanClient(
+        CLIENT_SETTINGS, TOKEN, transport=httpx.MockTransport(fake.handler), **extra
+    )
+    assigner = Assigner(
+        client,
+        IP,
+        ME,
+        leadership,
+        settings or AssignerSettings(),
+        random.Random(seed),
+        observer,
+    )
+    nursery.start_soon(assigner.run)
+    return assigner
+
+
+# --------------------------------------------------------------------------- the happy paths
+
+
+async def test_assigns_once_then_only_reconciles(autojump_clock: trio.testing.MockClock) -> None:
+    fake, leadership, observer = FakeDO(holder=OTHER), FakeLeadership(), RecordingObserver()
+    async with trio.open_nursery() as nursery:
+        assigner = start(nursery, fake, leadership, observer=observer)
+        await trio.sleep(1)
+        assert fake.requests == []  # not leader: silent
+        t0 = trio.current_time()
+        leadership.gain()
+        await trio.sleep(100)
+        snapshot = assigner.snapshot()
+        nursery.cancel_scope.cancel()
+    assert fake.posts == [(t0, ME)]
+    assert fake.holder == ME
+    assert snapshot.leading and snapshot.holder_droplet_id == ME
+    assert snapshot.last_assignment is not None
+    assert snapshot.last_assignment.outcome == "completed"
+    assert 2.0 <= (snapshot.last_assignment.duration_seconds or 0) <= 3.0
+    assert snapshot.consecutive_failures == 0 and snapshot.last_error is None
+    assert [outcome for _, outcome in observer.assignments] == ["completed"]
+    assert ("assign", "201") in observer.requests
+    assert ("get_reserved_ip", "200") in observer.requests
+    assert ("get_ip_action", "200") in observer.requests
+    # After the move: one read per reconcile interval, 10 s +- 20 %.
+    reads = [t for t in fake.reads() if t > t0 + 5]
+    gaps = [b - a for a, b in itertools.pairwise(reads)]
+    assert gaps and all(8.0 <= gap <= 12.0 for gap in gaps)
+
+
+@pytest.mark.parametrize("holder", [ME])
+async def test_does_nothing_when_it_already_holds_the_ip(
+    autojump_clock: trio.testing.MockClock, holder: int
+) -> None:
+    fake, leadership = FakeDO(holder=holder), FakeLeadership()
+    async with trio.open_nursery() as nursery:
+        start(nursery, fake, leadership)
+        leadership.gain()
+        await trio.sleep(300)
+        nursery.cancel_scope.cancel()
+    assert fake.posts == []
+    assert 25 <= len(fake.reads()) <= 38
+    assert all(method == "GET" for _, method, _ in fake.requests)
+
+
+async def test_an_unassigned_ip_is_assigned(autojump_clock: trio.testing.MockClock) -> None:
+    fake, leadership = FakeDO(holder=None), FakeLeadership()
+    async with trio.open_nursery() as nursery:
+        start(nursery, fake, leadership)
+        leadership.gain()
+        await trio.sleep(30)
+        nursery.cancel_scope.cancel()
+    assert [droplet for _, droplet in fake.posts] == [ME]
+    assert fake.holder == ME
+
+
+async def test_repairs_a_manual_reassignment_within_one_reconcile_interval(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fake, leadership = FakeDO(holder=OTHER), FakeLeadership()
+    async with trio.open_nursery() as nursery:
+        start(nursery, fake, leadership)
+        leadership.gain()
+        await trio.sleep(33.3)
+        assert fake.holder == ME
+        fake.holder = THIRD  # someone moved it in the control panel
+        moved_at = trio.current_time()
+        await trio.sleep(30)
+        nursery.cancel_scope.cancel()
+    assert len(fake.posts) == 2
+    assert 0 < fake.posts[1][0] - moved_at <= 10.0 * 1.2
+    assert fake.holder == ME
+
+
+# --------------------------------------------------------------------------- errors
+
+
+async def test_server_errors_back_off_exponentially_with_full_jitter(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fake, leadership = FakeDO(holder=OTHER), FakeLeadership()
+    failures = [500, 502, 503, 504, 0, 500, 500, 500, 500, 500, 500, 500]
+
+    async def flaky(request: httpx.Request) -> httpx.Response | None:
+        if request.method == "GET" and failures:
+            status = failures.pop(0)
+            if status == 0:
+                raise httpx.ConnectError("connection refused")
+            return error(status, "server_error", "Server Error")
+        return None
+
+    fake.override = flaky
+    async with trio.open_nursery() as nursery:
+        assigner = start(nursery, fake, leadership)
+        leadership.gain()
+        await trio.sleep(5)
+        during = assigner.snapshot()
+        await trio.sleep(120)
+        after = assigner.snapshot()
+        nursery.cancel_scope.cancel()
+    assert during.consecutive_failures >= 3
+    assert during.last_error is not None
+    assert during.last_error.type in ("ServerError", "NetworkError")
+    reads = fake.reads()
+    gaps = [b - a for a, b in itertools.pairwise(reads[:13])]
+    assert len(gaps) == 12
+    for failures_so_far, gap in enumerate(gaps, start=1):
+        assert 0.0 <= gap <= min(10.0, 0.5 * 2 ** (failures_so_far - 1)) + 1e-9
+    assert sum(gaps[6:]) > 10.0  # jittered but growing: not a hot loop
+    assert len(fake.posts) == 1 and fake.holder == ME
+    assert after.consecutive_failures == 0
+
+
+async def test_unprocessable_waits_and_retries(autojump_clock: trio.testing.MockClock) -> None:
+    fake, leadership = FakeDO(holder=OTHER), FakeLeadership()
+    refusals = 2
+    refused_at: list[float] = []
+
+    async def busy(request: httpx.Request) -> httpx.Response | None:
+        nonlocal refusals
+        if request.method == "POST" and refusals:
+            refusals -= 1
+            refused_at.append(trio.current_time())
+            return error(422, "unprocessable_entity", "Droplet already has a pending event.")
+        return None
+
+    fake.override = busy
+    async with trio.open_nursery() as nursery:
+        assigner = start(nursery, fake, leadership)
+        leadership.gain()
+        await trio.sleep(60)
+        nursery.cancel_scope.cancel()
+    assert len(refused_at) == 2
+    for refusal in refused_at:
+        next_request = min(t for t, _, _ in fake.requests if t > refusal)
+        assert 2.0 <= next_request - refusal <= 3.0
+    post_times = [t for t, method, _ in fake.requests if method == "POST"]
+    assert all(b - a >= 5.0 for a, b in itertools.pairwise(post_times))  # cool-off
+    assert fake.holder == ME
+    assert assigner.snapshot().last_error is not None
+
+
+async def test_rate_limit_waits_for_retry_after(autojump_clock: trio.testing.MockClock) -> None:
+    fake, leadership = FakeDO(holder=OTHER), FakeLeadership()
+    limited_at: list[float] = []
+
+    async def limited(request: httpx.Request) -> httpx.Response | None:
+        if not limited_at:
+            limited_at.append(trio.current_time())
+            return error(
+                429, "too_many_requests", "API rate limit exceeded.", **{"retry-after": "30"}
+            )
+        return None
+
+    fake.override = limited
+    async with trio.open_nursery() as nursery:
+        start(nursery, fake, leadership)
+        leadership.gain()
+        await trio.sleep(60)
+        nursery.cancel_scope.cancel()
+    times = [t for t, _, _ in fake.requests]
+    assert times[1] - times[0] == pytest.approx(30.0)
+    assert fake.holder == ME
+
+
+async def test_rate_limit_waits_until_ratelimit_reset(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    epoch = 1_800_000_000.0
+    fake, leadership = FakeDO(holder=OTHER), FakeLeadership()
+    limited_at: list[float] = []
+
+    async def limited(request: httpx.Request) -> httpx.Response | None:
+        if not limited_at:
+            now = trio.current_time()
+            limited_at.append(now)
+            reset = str(int(epoch + now) + 45)
+            return error(
+                429, "too_many_requests", "API rate limit exceeded.", **{"ratelimit-reset": reset}
+            )
+        return None
+
+    fake.override = limited
+    async with trio.open_nursery() as nursery:
+        start(nursery, fake, leadership, wall_clock=lambda: epoch + trio.current_time())
+        leadership.gain()
+        await trio.sleep(100)
+        nursery.cancel_scope.cancel()
+    times = [t for t, _, _ in fake.requests]
+    assert 44.0 <= times[1] - times[0] <= 45.0
+    assert fake.holder == ME
+
+
+async def test_budget_is_never_exceeded_in_a_429_storm(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Every answer is a 429 saying "retry now": only the budget stops a hot loop."""
+    fake, leadership = FakeDO(holder=OTHER), FakeLeadership()
+
+    async def storm(request: httpx.Request) -> httpx.Response:
+        return error(429, "too_many_requests", "API rate limit exceeded.", **{"retry-after": "0"})
+
+    fake.override = storm
+    settings = AssignerSettings()
+    async with trio.open_nursery() as nursery:
+        assigner = start(nursery, fake, leadership, settings)
+        leadership.gain()
+        await trio.sleep(2 * 3600)
+        snapshot = assigner.snapshot()
+        nursery.cancel_scope.cancel()
+    times = [t for t, _, _ in fake.requests]
+    # The budget binds (the loop wanted far more) ...
+    assert len(times) >= 2 * settings.requests_per_hour - settings.requests_per_minute
+    # ... and holds in every window, far below DigitalOcean's 250/min and 5,000/h.
+    for i, now in enumerate(times):
+        in_minute = sum(1 for t in times[: i + 1] if t > now - 60)
+        assert in_minute <= settings.requests_per_minute
+    for i, now in enumerate(times):
+        lo = i
+        while lo > 0 and times[lo - 1] > now - 3600:
+            lo -= 1
+        assert i - lo + 1 <= settings.requests_per_hour
+    assert snapshot.requests_last_hour <= settings.requests_per_hour
+    assert snapshot.requests_last_minute <= settings.requests_per_minute
+    assert fake.posts == []
+
+
+async def test_config_errors_are_logged_loudly_and_retried_slowly(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake, leadership = FakeDO(holder=OTHER), FakeLeadership()
+    token_fixed = False
+
+    async def unauthorized(request: httpx.Request) -> httpx.Response | None:
+        if not token_fixed:
+            return error(401, "unauthorized", "Unable to authenticate you.")
+        return None
+
+    fake.override = unauthorized
+    with caplog.at_level(logging.DEBUG):
+        async with trio.open_nursery() as nursery:
+            assigner = start(nursery, fake, leadership)
+            leadership.gain()
+            await trio.sleep(200)
+            broken = assigner.snapshot()
+            token_fixed = True
+            await trio.sleep(70)
+            nursery.cancel_scope.cancel()
+    first_four = [t for t, _, _ in fake.requests][:4]
+    assert [b - a for a, b in itertools.pairwise(first_four)] == [60.0, 60.0, 60.0]
+    assert broken.last_error is not None and broken.last_error.type == "Unauthorized"
+    assert broken.consecutive_failures == 4
+    errors = [
+        r for r in caplog.records if r.levelno == logging.ERROR and r.name == "sidecar.assigner"
+    ]
+    assert len(errors) == 4 and "token" in errors[0].getMessage()
+    assert fake.holder == ME
+    everything = caplog.text + repr([vars(r) for r in caplog.records]) + repr(broken)
+    assert TOKEN_TEXT not in everything and "c0ffeec0ffee" not in everything
+
+
+# --------------------------------------------------------------------------- actions
+
+
+async def test_an_unknown_action_falls_back_to_reading_the_ip(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fake, leadership, observer = FakeDO(holder=OTHER), FakeLeadership(), RecordingObserver()
+    fake.actions_unknown = True
+    async with trio.open_nursery() as nursery:
+        start(nursery, fake, leadership, observer=observer)
+        leadership.gain()
+        await trio.sleep(30)
+        nursery.cancel_scope.cancel()
+    after_post = [path for _, method, path in fake.requests[2:5]]
+    assert after_post == [
+        f"/v2/reserved_ips/{IP}/actions/501",
+        "/v2/actions/501",
+        f"/v2/reserved_ips/{IP}",
+    ]
+    assert len(fake.posts) == 1 and fake.holder == ME
+    assert observer.assignments[0][1] == "unknown"
+
+
+async def test_an_action_that_never_ends_times_out_then_retries(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fake, leadership, observer = FakeDO(holder=OTHER), FakeLeadership(), RecordingObserver()
+    fake.actions_never_finish = True
+    fake.lock_while_pending = False
+    async with trio.open_nursery() as nursery:
+        start(nursery, fake, leadership, observer=observer)
+        leadership.gain()
+        await trio.sleep(150)
+        nursery.cancel_scope.cancel()
+    assert len(fake.posts) == 2
+    assert fake.posts[1][0] - fake.posts[0][0] == pytest.approx(90.0, abs=1.0)
+    assert observer.assignments[0] == (pytest.approx(90.0), "timeout")
+
+
+async def test_an_errored_action_is_retried_after_the_cooloff(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fake, leadership, observer = FakeDO(holder=OTHER), FakeLeadership(), RecordingObserver()
+    fake.fail_next_action = True
+    async with trio.open_nursery() as nursery:
+        start(nursery, fake, leadership, observer=observer)
+        leadership.gain()
+        await trio.sleep(60)
+        nursery.cancel_scope.cancel()
+    assert [outcome for _, outcome in observer.assignments] == ["errored", "completed"]
+    assert fake.posts[1][0] - fake.posts[0][0] == pytest.approx(5.0)
+    assert fake.holder == ME
+
+
+# --------------------------------------------------------------------------- leadership
+
+
+async def test_losing_leadership_cancels_a_hanging_request_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fake, leadership = FakeDO(holder=OTHER), FakeLeadership()
+    cancelled_at: list[float] = []
+
+    async def hang(request: httpx.Request) -> httpx.Response | None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            cancelled_at.append(trio.current_time())
+
+    fake.override = hang
+    async with trio.open_nursery() as nursery:
+        assigner = start(nursery, fake, leadership)
+        leadership.gain()
+        await trio.sleep(5)
+        assert assigner.snapshot().leading
+        lost_at = trio.current_time()
+        leadership.lose()
+        await trio.sleep(600)
+        snapshot = assigner.snapshot()
+        nursery.cancel_scope.cancel()
+    # Cancelled at the very instant of the loss: no virtual time passed.
+    assert cancelled_at[0] == lost_at
+    assert leadership.waits[1] == lost_at  # the assigner was back waiting at once
+    assert not snapshot.leading
+    assert [t for t, _, _ in fake.requests] == [pytest.approx(lost_at - 5)]
+    assert fake.posts == []
+
+
+async def test_no_post_after_losing_leadership_mid_assignment(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fake, leadership, observer = FakeDO(holder=OTHER), FakeLeadership(), RecordingObserver()
+    cancelled_at: list[float] = []
+    hang_posts = True
+
+    async def hang_post(request: httpx.Request) -> httpx.Response | None:
+        if request.method == "POST" and hang_posts:
+            try:
+                await trio.sleep_forever()
+            finally:
+                cancelled_at.append(trio.current_time())
+        return None
+
+    fake.override = hang_post
+    async with trio.open_nursery() as nursery:
+        assigner = start(nursery, fake, leadership, observer=observer)
+        leadership.gain()
+        await trio.sleep(3)
+        lost_at = trio.current_time()
+        leadership.lose()
+        await trio.sleep(300)
+        assert [t for t, _, _ in fake.requests if t >= lost_at] == []
+        assert assigner.snapshot().last_assignment is not None
+        assert assigner.snapshot().last_assignment.outcome == "cancelled"  # type: ignore[union-attr]
+        # Regaining leadership starts over, and the first assignment skips the cool-off.
+        hang_posts = False
+        regained_at = trio.current_time()
+        leadership.gain()
+        await trio.sleep(30)
+        nursery.cancel_scope.cancel()
+    assert cancelled_at == [lost_at]
+    posts = [t for t, method, _ in fake.requests if method == "POST"]
+    assert posts == [pytest.approx(lost_at - 3), regained_at]
+    assert observer.assignments[0] == (pytest.approx(3.0), "cancelled")
+    assert fake.holder == ME
+
+
+async def test_a_paused_node_never_posts(autojump_clock: trio.testing.MockClock) -> None:
+    fake, leadership = FakeDO(holder=OTHER), FakeLeadership()
+    async with trio.open_nursery() as nursery:
+        start(nursery, fake, leadership)
+        leadership.gain()
+        leadership.paused = True  # the scope is open, but the lease ran out while paused
+        await trio.sleep(120)
+        assert fake.posts == []
+        assert fake.reads()  # it may look, it must not touch
+        leadership.paused = False
+        resumed_at = trio.current_time()
+        await trio.sleep(30)
+        nursery.cancel_scope.cancel()
+    assert len(fake.posts) == 1 and 0 <= fake.posts[0][0] - resumed_at <= 2.0
+    assert fake.holder == ME
+
+
+async def test_an_already_cancelled_scope_is_fine(autojump_clock: trio.testing.MockClock) -> None:
+    fake, leadership = FakeDO(holder=OTHER), FakeLeadership()
+    leadership.gain()
+    assert leadership.scope is not None
+    leadership.scope.cancel()  # lost again before the assigner even entered the scope
+    async with trio.open_nursery() as nursery:
+        start(nursery, fake, leadership)
+        await trio.sleep(0.5)
+        leadership.leading = False
+        await trio.sleep(10)
+        nursery.cancel_scope.cancel()
+    assert fake.requests == []
+    # Entered the cancelled scope (nothing sent), then was re-offered the used scope every
+    # 0.1 s without entering it again, until the view stopped claiming leadership.
+    assert leadership.waits == pytest.approx([0.0, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
+
+
+async def test_a_view_that_hands_back_a_used_scope_does_not_crash_the_node(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fake, leadership = FakeDO(holder=OTHER), FakeLeadership()
+    async with trio.open_nursery() as nursery:
+        start(nursery, fake, leadership)
+        leadership.gain()
+        await trio.sleep(10)
+        leadership.lose()
+        leadership.leading = True  # "leader" again by the clock, but still the old scope
+        await trio.sleep(1)
+        leadership.gain()  # the view catches up with a fresh scope
+        await trio.sleep(10)
+        nursery.cancel_scope.cancel()
+    assert fake.holder == ME
+    assert 5 <= len(leadership.waits) <= 15
+
+
+# --------------------------------------------------------------------------- settings and budget
+
+
+def test_settings_defaults() -> None:
+    settings = AssignerSettings()
+    assert settings.reconcile_interval == 10.0
+    assert settings.action_timeout == 90.0
+    assert (settings.backoff_base_delay, settings.backoff_max_delay) == (0.5, 10.0)
+    assert settings.cooloff_interval == 5.0
+    assert (settings.requests_per_minute, settings.requests_per_hour) == (60, 1200)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"reconcile_interval": 0},
+        {"reconcile_jitter": 0.9},
+        {"action_timeout": -1},
+        {"backoff_base_delay": 5, "backoff_max_delay": 1},
+        {"requests_per_minute": 251},
+        {"requests_per_hour": 5001},
+        {"requests_per_minute": 100, "requests_per_hour": 50},
+        {"cooloff_interval": -1},
+        {"reconcile_every": 3},
+    ],
+)
+def test_settings_reject_bad_values(fields: dict[str, Any]) -> None:
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert(fields, AssignerSettings)
+
+
+def test_budget_windows_without_a_clock() -> None:
+    budget = RequestBudget(per_minute=3, per_hour=5)
+    assert budget.wait_needed(0.0) == 0.0
+    budget._sent.extend([0.0, 1.0, 2.0])
+    assert budget.wait_needed(2.0) == 58.0  # the 4th must wait until the 1st leaves the minute
+    budget._sent.extend([60.0, 61.0])
+    assert budget.wait_needed(62.0) == 3538.0  # the hour is full until the 1st is an hour old
+    assert budget.wait_needed(3600.0) == 0.0
+
+
+async def test_budget_spaces_a_burst(autojump_clock: trio.testing.MockClock) -> None:
+    budget = RequestBudget(per_minute=10, per_hour=25)
+    start_time = trio.current_time()
+    times = []
+    for _ in range(30):
+        await budget.acquire()
+        times.append(trio.current_time() - start_time)
+    assert times[:10] == [0.0] * 10
+    assert times[10:20] == [60.0] * 10
+    assert times[20:25] == [120.0] * 5
+    assert times[25:] == [3600.0] * 5
