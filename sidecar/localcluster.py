@@ -526,32 +526,36 @@ class LocalCluster:
         ]
 
     def leader(self, timeout: float = 0.5) -> int | None:
-        """The one node that says it leads, None if none does; SplitBrainError if several."""
+        """The one node that says it leads, None if none does.
+
+        Polls are sequential, so a hand-over between two polls can show two leaders that
+        never led at the same instant; several leaders in two polls in a row raise
+        SplitBrainError. The logs' leadership intervals are the exact check.
+        """
         found = self.leaders(timeout)
         if len(found) > 1:
-            raise SplitBrainError(f"nodes {found} all report role=leader")
+            found = self.leaders(timeout)
+            if len(found) > 1:
+                raise SplitBrainError(f"nodes {found} report role=leader in two polls in a row")
         return found[0] if found else None
 
     def wait_for_leader(
         self,
-        timeout: float = 10.0,
+        timeout: float = 20.0,
         *,
         expect: int | None = None,
         agreed: bool = True,
         poll_interval: float = 0.05,
     ) -> int:
-        """Until one node leads (and, if `agreed`, every running node names it as leader_id).
-
-        With `expect`, until that node leads. Raises ClusterError on timeout.
+        """Until exactly one node leads (and, if `agreed`, every running node that answers
+        names it as `leader_id`). With `expect`, until that node leads. Bounded by `timeout`.
         """
         deadline = time.monotonic() + timeout
         seen: dict[int, dict[str, Any] | None] = {}
         while time.monotonic() < deadline:
             seen = self.statuses()
             leading = [n for n, b in seen.items() if b is not None and b.get("role") == "leader"]
-            if len(leading) > 1:
-                raise SplitBrainError(f"nodes {leading} all report role=leader")
-            if leading and (expect is None or leading[0] == expect):
+            if len(leading) == 1 and (expect is None or leading[0] == expect):
                 who = leading[0]
                 answering = [b for b in seen.values() if b is not None]
                 if not agreed or all(b.get("leader_id") == who for b in answering):
