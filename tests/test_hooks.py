@@ -248,3 +248,19 @@ async def test_overflow_drops_the_oldest_and_runs_the_rest_in_order(tmp_path: Pa
         nursery.cancel_scope.cancel()
     assert log.read_text().split() == ["4", "5", "6"]
     assert runner.pending == 0
+
+
+async def test_an_idle_runner_wakes_up_for_a_new_event(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    hook = write_script(tmp_path / "log.sh", f'echo "$FIP_EVENT" >> {log}\n')
+    runner = HookRunner(HookSettings(on_gained=(hook,)), node_id=1, floating_ip=None)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(runner.run)
+        await trio.testing.wait_all_tasks_blocked()  # run() is parked on an empty queue
+        runner.notify("gained", "leader", 1, 1)
+        await wait_until(lambda: runner.counts()["gained", "ok"] == 1)
+        await trio.testing.wait_all_tasks_blocked()
+        runner.notify("gained", "leader", 2, 1)
+        await wait_until(lambda: runner.counts()["gained", "ok"] == 2)
+        nursery.cancel_scope.cancel()
+    assert log.read_text().split() == ["gained", "gained"]
