@@ -20,10 +20,13 @@ import httpx
 import msgspec
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 from sidecar.assigner import Assigner, AssignerSettings, RequestBudget
 from sidecar.digitalocean import APIToken, DigitalOceanClient, DigitalOceanSettings
+from sidecar.emulator import Emulator, EmulatorSettings, build_app
+from sidecar.emulator.faults import FaultUpdate
 
 TOKEN_TEXT = "dop_v1_" + "c0ffee" * 10
 TOKEN = APIToken(TOKEN_TEXT)
@@ -698,3 +701,98 @@ async def test_budget_spaces_a_burst(autojump_clock: trio.testing.MockClock) -> 
     assert times[10:20] == [60.0] * 10
     assert times[20:25] == [120.0] * 5
     assert times[25:] == [3600.0] * 5
+
+
+# --------------------------------------------------------------------------- against the emulator
+
+EPOCH = 1_800_000_000.0
+
+
+def start_emulated(
+    nursery: trio.Nursery,
+    leadership: FakeLeadership,
+    observer: RecordingObserver | None = None,
+    **emulator_settings: Any,
+) -> tuple[Emulator, Assigner]:
+    """The real client and assigner against the in-process emulator (IP held by OTHER)."""
+    emulator = Emulator(
+        TOKEN_TEXT,
+        EmulatorSettings(**emulator_settings),
+        clock=trio.current_time,
+        wall_clock=lambda: EPOCH + trio.current_time(),
+        rng=random.Random(3),
+    )
+    for droplet in (ME, OTHER):
+        emulator.state.add_droplet(droplet, "nyc3")
+    emulator.state.add_reserved_ip(IP, "nyc3", OTHER)
+    client = DigitalOceanClient(
+        CLIENT_SETTINGS,
+        TOKEN,
+        transport=httpx.ASGITransport(app=build_app(emulator)),
+        wall_clock=lambda: EPOCH + trio.current_time(),
+    )
+    assigner = Assigner(client, IP, ME, leadership, AssignerSettings(), random.Random(5), observer)
+    nursery.start_soon(assigner.run)
+    return emulator, assigner
+
+
+def holders(emulator: Emulator) -> list[int | None]:
+    emulator.state.settle()
+    return [entry.droplet_id for entry in emulator.state.history]
+
+
+async def test_emulator_assigns_and_repairs(autojump_clock: trio.testing.MockClock) -> None:
+    leadership, observer = FakeLeadership(), RecordingObserver()
+    async with trio.open_nursery() as nursery:
+        emulator, assigner = start_emulated(nursery, leadership, observer, action_404_seconds=0.5)
+        leadership.gain()
+        await trio.sleep(30)
+        assert holders(emulator) == [OTHER, ME]
+        emulator.state.manual_assign(IP, OTHER)  # someone moves it by hand
+        await trio.sleep(20)
+        snapshot = assigner.snapshot()
+        nursery.cancel_scope.cancel()
+    assert holders(emulator) == [OTHER, ME, OTHER, ME]
+    assert snapshot.holder_droplet_id == ME
+    assert [outcome for _, outcome in observer.assignments] == ["completed", "completed"]
+
+
+async def test_emulator_outage_and_forced_429_are_ridden_out_within_the_budget(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    leadership = FakeLeadership()
+    async with trio.open_nursery() as nursery:
+        emulator, assigner = start_emulated(nursery, leadership)
+        now = trio.current_time()
+        emulator.faults.update(FaultUpdate(outage_seconds=600.0), now)
+        emulator.faults.update(FaultUpdate(force_429_seconds=900.0), now)
+        leadership.gain()
+        await trio.sleep(1200)
+        nursery.cancel_scope.cancel()
+    assert holders(emulator) == [OTHER, ME]
+    counts = emulator.requests.describe()
+    statuses = {row["status"] for row in counts["requests"]}
+    assert 503 in statuses and 429 in statuses
+    assert counts["total"] <= 1200  # the node's hourly budget, far under the API's limits
+    assert assigner.snapshot().consecutive_failures == 0
+
+
+async def test_emulator_hang_is_cancelled_when_leadership_is_lost(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    leadership = FakeLeadership()
+    async with trio.open_nursery() as nursery:
+        emulator, assigner = start_emulated(nursery, leadership)
+        emulator.faults.update(
+            FaultUpdate(outage_seconds=3600.0, outage_mode="hang"), trio.current_time()
+        )
+        leadership.gain()
+        await trio.sleep(5)
+        lost_at = trio.current_time()
+        leadership.lose()
+        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint()
+        assert not assigner.snapshot().leading
+        assert trio.current_time() == lost_at
+        nursery.cancel_scope.cancel()
+    assert holders(emulator) == [OTHER]

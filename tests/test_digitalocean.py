@@ -45,6 +45,7 @@ from sidecar.digitalocean import (
     Unprocessable,
     load_token,
 )
+from sidecar.emulator import Emulator, EmulatorSettings, build_app
 
 TOKEN_TEXT = "dop_v1_" + "5ecret" * 10
 TOKEN = APIToken(TOKEN_TEXT)
@@ -803,3 +804,97 @@ async def test_https_with_a_private_ca(tmp_path: Path, caplog: pytest.LogCapture
                 await client.get_reserved_ip(IP)
         assert_no_token(caught.value, caplog)
         nursery.cancel_scope.cancel()
+
+
+# --------------------------------------------------------------------------- the emulator
+
+
+def emulated(
+    settings: DigitalOceanSettings | None = None, **emulator_settings: Any
+) -> tuple[Emulator, DigitalOceanClient]:
+    """An in-process emulator on the trio clock (droplets 1001, 1002; IP held by 1001)."""
+    epoch = 1_800_000_000.0
+    emulator = Emulator(
+        TOKEN_TEXT,
+        EmulatorSettings(**emulator_settings),
+        clock=trio.current_time,
+        wall_clock=lambda: epoch + trio.current_time(),
+    )
+    emulator.state.add_droplet(1001, "nyc3")
+    emulator.state.add_droplet(1002, "nyc3")
+    emulator.state.add_reserved_ip(IP, "nyc3", 1001)
+    client = DigitalOceanClient(
+        settings or LOCAL,
+        TOKEN,
+        transport=httpx.ASGITransport(app=build_app(emulator)),
+        wall_clock=lambda: epoch + trio.current_time(),
+    )
+    return emulator, client
+
+
+async def test_assign_flow_against_the_emulator(autojump_clock: trio.testing.MockClock) -> None:
+    emulator, client = emulated(action_seconds=2.0)
+    async with client:
+        before = await client.get_reserved_ip(IP)
+        assert (before.droplet_id, before.region, before.locked) == (1001, "nyc3", False)
+        assert [r.ip for r in await client.list_reserved_ips()] == [IP]
+        action = await client.assign(IP, 1002)
+        assert action.status == "in-progress" and action.http_status == 201
+        assert (await client.get_reserved_ip(IP)).locked
+        with pytest.raises(Unprocessable):  # an action is in progress
+            await client.assign(IP, 1002)
+        await trio.sleep(2.5)
+        assert (await client.get_ip_action(IP, action.id)).status == "completed"
+        assert (await client.get_action(action.id)).status == "completed"
+        after = await client.get_reserved_ip(IP)
+        assert (after.droplet_id, after.locked) == (1002, False)
+        with pytest.raises(Unprocessable):  # assigning to the holder
+            await client.assign(IP, 1002)
+        with pytest.raises(NotFound):
+            await client.get_reserved_ip("203.0.113.99")
+        with pytest.raises(NotFound):
+            await client.assign(IP, 4242)
+        unassign = await client.unassign(IP)
+        await trio.sleep(2.5)
+        assert (await client.get_ip_action(IP, unassign.id)).status == "completed"
+        assert (await client.get_reserved_ip(IP)).droplet_id is None
+    assert [entry.droplet_id for entry in emulator.state.history] == [1001, 1002, None]
+
+
+async def test_metadata_and_legacy_paths_against_the_emulator(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    settings = DigitalOceanSettings(
+        api_url="http://127.0.0.1:1",
+        metadata_url="http://127.0.0.1:1/metadata/droplets/1001",
+        api_flavor="floating_ip",
+    )
+    _, client = emulated(settings)
+    async with client:
+        assert await client.metadata_droplet_id() == 1001
+        assert await client.metadata_region() == "nyc3"
+        assert await client.metadata_reserved_ip_active() is True
+        assert (await client.get_reserved_ip(IP)).droplet_id == 1001
+        assert [r.ip for r in await client.list_reserved_ips()] == [IP]
+
+
+async def test_emulator_errors_are_typed(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    emulator, client = emulated(rate_limit_per_minute=3, action_404_seconds=5.0)
+    async with client:
+        action = await client.assign(IP, 1002)
+        with pytest.raises(NotFound):  # the replica has not seen the new action yet
+            await client.get_ip_action(IP, action.id)
+        with pytest.raises(RateLimited) as caught:
+            await client.get_reserved_ip(IP)
+        assert caught.value.retry_after is not None and 0 < caught.value.retry_after <= 60
+        assert caught.value.reset_at is not None
+        assert_no_token(caught.value, caplog)
+    bad_client = DigitalOceanClient(
+        LOCAL, APIToken("not-the-token"), transport=httpx.ASGITransport(app=build_app(emulator))
+    )
+    async with bad_client:
+        await trio.sleep(61)
+        with pytest.raises(Unauthorized):
+            await bad_client.get_reserved_ip(IP)
