@@ -30,10 +30,12 @@ WEB_SERVER = """
 import http.server, sys
 name = sys.argv[1].encode()
 class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
+    def do_HEAD(self):
         self.send_response(200)
         self.send_header("content-length", str(len(name)))
         self.end_headers()
+    def do_GET(self):
+        self.do_HEAD()
         self.wfile.write(name)
     def log_message(self, *args):
         pass
@@ -134,6 +136,10 @@ async def test_emulator_and_edge_over_real_sockets() -> None:
 
                 first = await edge.get("/")
                 assert (first.text, first.headers["x-fip-droplet"]) == ("web1", "1001")
+                assert first.headers.get_list("date") == [first.headers["date"]]
+                head = await edge.head("/")
+                assert (head.status_code, head.headers["content-length"]) == (200, "4")
+                assert head.headers["x-fip-droplet"] == "1001"
 
                 before = time.monotonic()
                 posted = await api.post(

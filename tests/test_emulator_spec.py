@@ -50,6 +50,8 @@ def test_spec_examples_pass_and_broken_bodies_fail() -> None:
         check_response("GET", f"/v2/reserved_ips/{IP}", 200, {"reserved_ip": {"ip": "x"}}, {})
     with pytest.raises(AssertionError, match="'message' is a required property"):
         check_response("GET", "/v2/actions/1", 404, {"id": "not_found"}, {})
+    with pytest.raises(AssertionError, match=r"lacks \['reserved_ip'\]"):
+        check_response("GET", f"/v2/floating_ips/{IP}", 200, {"ip": IP}, HEADERS)
     error = {"id": "not_found", "message": "m"}
     check_response("GET", "/v2/actions/1", 404, error, HEADERS)
     with pytest.raises(AssertionError, match="lacks header ratelimit-reset"):

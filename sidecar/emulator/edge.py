@@ -81,11 +81,11 @@ def build_edge_app(emulator: Emulator, client: httpx.AsyncClient) -> Starlette:
             )
         reply = [(k, v) for k, v in response.headers.items() if k.lower() not in HOP_BY_HOP]
         reply.append((DROPLET_HEADER, str(holder)))
+        # A HEAD answer has no body but announces the GET's length; keep the upstream's.
+        length = response.headers.get("content-length") if request.method == "HEAD" else None
+        reply.append(("content-length", length if length is not None else str(len(body))))
         out = Response(body, status_code=response.status_code)
-        out.raw_headers = [
-            *[(k.encode("latin-1"), v.encode("latin-1")) for k, v in reply],
-            (b"content-length", str(len(body)).encode()),
-        ]
+        out.raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in reply]
         return out
 
     return Starlette(routes=[Route("/{path:path}", forward, methods=ALL_METHODS)])

@@ -66,10 +66,12 @@ async def serve(
         )
         edge_url = None
         if edge_listen is not None:
+            edge_config = hypercorn_config(edge_listen, None)
+            # The edge passes on the web service's own `date` and `server` headers.
+            edge_config.include_date_header = False
+            edge_config.include_server_header = False
             edge_binds: list[str] = await nursery.start(
-                hypercorn_serve,
-                build_edge_app(emulator, client),
-                hypercorn_config(edge_listen, None),
+                hypercorn_serve, build_edge_app(emulator, client), edge_config
             )
             edge_url = edge_binds[0]
         task_status.started(ServingAt(api_url=api_binds[0], edge_url=edge_url))
