@@ -570,6 +570,26 @@ class LocalCluster:
             f"(role, leader_id, term) per node: {summary}"
         )
 
+    def wait_stable(self, timeout: float = 30.0, *, expect: int | None = None) -> int:
+        """Until one agreed leader (`expect` if given) and every running node sees every
+        other running node alive: the state to start a measurement from. Bounded."""
+        deadline = time.monotonic() + timeout
+        while True:
+            who = self.wait_for_leader(max(0.1, deadline - time.monotonic()), expect=expect)
+            running = {n for n in self.nodes if self.members[n].running()}
+            bodies = self.statuses()
+            if all(
+                body is not None
+                and body.get("leader_id") == who
+                and all(p["alive"] for p in body["peers"] if p["id"] in running)
+                for n, body in bodies.items()
+                if n in running
+            ):
+                return who
+            if time.monotonic() >= deadline:
+                raise ClusterError(f"cluster not stable within {timeout}s: {bodies}")
+            time.sleep(0.05)
+
     def events(self, node: int, kind: str | None = None) -> list[Event]:
         """The node's parsed JSON log lines (every incarnation), optionally one `event` kind."""
         found = read_events(self.members[node].log_path)
