@@ -11,25 +11,19 @@ Nothing a probe does can raise out of `HealthChecker.run()`: every exception bec
 failed check with a short reason ("status 503", "timeout", "connection refused",
 "exit 1: ...") that `/status` and the logs show.
 
-The small process runner at the bottom (`run_process_group`, `sanitized_environment`) is
-shared with `hooks.py`: both start user-supplied commands that must be bounded in time and
-output, killed as a whole process group, and never handed the cluster's secrets.
+Command checks run through `processes.py`, shared with the notify hooks.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import http.cookiejar
 import logging
 import os
 import random
-import re
 import shlex
-import signal
-import subprocess
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
@@ -37,6 +31,8 @@ from urllib.parse import urlsplit
 import httpx
 import msgspec
 import trio
+
+from sidecar.processes import run_process_group, sanitized_environment, summarize_output
 
 logger = logging.getLogger(__name__)
 
@@ -446,100 +442,3 @@ def _exception_chain(exc: BaseException, limit: int = 32) -> Iterator[BaseExcept
 
 def _truncate(text: str, limit: int = REASON_OUTPUT_LIMIT) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def summarize_output(output: bytes, limit: int = REASON_OUTPUT_LIMIT) -> str:
-    """A command's output squeezed onto one short line for a reason or a log field."""
-    text = output.decode("utf-8", errors="replace")
-    return _truncate(re.sub(r"\s+", " ", text).strip(), limit)
-
-
-# --- running user-supplied commands (shared with hooks.py) ---------------------------------
-
-#: Environment variable names never passed to a child. Health commands and hooks need
-#: the FIP_* facts and ordinary variables (PATH, HOME, LANG ...), never the sidecar's
-#: DigitalOcean token or cluster key: a child that logs its environment, or a hook
-#: script taken over by someone else, must not be able to move the IP or forge packets.
-SECRET_NAME_PATTERN = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|CREDENTIAL", re.IGNORECASE)
-
-
-def sanitized_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """`environ` without DIGITALOCEAN_TOKEN and anything named like a secret."""
-    return {
-        name: value
-        for name, value in environ.items()
-        if name != "DIGITALOCEAN_TOKEN" and not SECRET_NAME_PATTERN.search(name)
-    }
-
-
-@dataclass(frozen=True)
-class ProcessOutcome:
-    """How a bounded child process ended."""
-
-    returncode: int  # negative: killed by that signal
-    output: bytes  # the first `output_limit` bytes of stdout and stderr, interleaved
-    output_bytes: int  # how many bytes it wrote in all
-    timed_out: bool  # it ran past `time_limit` and its process group was killed
-
-
-def kill_process_group(process: trio.Process) -> None:
-    """SIGKILL the child's whole process group, not just the child.
-
-    A shell script's own children would otherwise outlive it, keep our output pipe open
-    and leak. The group id is the child's pid because it starts a new session; the
-    kernel keeps that id reserved while any member of the group is alive.
-    """
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-
-
-async def run_process_group(
-    argv: Sequence[str],
-    *,
-    time_limit: float,
-    env: Mapping[str, str],
-    output_limit: int,
-) -> ProcessOutcome:
-    """Run `argv` in its own session, with stdin closed, for at most `time_limit` seconds.
-
-    Output is drained to EOF but only the first `output_limit` bytes are kept, so a
-    chatty child can neither block on a full pipe nor fill our memory. The run ends
-    when the output reaches EOF and the child has exited. If that has not happened by
-    the timeout (or the caller is cancelled), the child's whole process group is
-    SIGKILLed: that also covers a child that exited while a descendant it left behind
-    still holds the output pipe. Raises OSError when the program cannot be started.
-    """
-    process = await trio.lowlevel.open_process(
-        list(argv),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env=dict(env),
-    )
-    assert process.stdout is not None
-    kept = bytearray()
-    total = 0
-    finished = False
-    try:
-        with trio.move_on_after(time_limit):
-            async for chunk in process.stdout:
-                total += len(chunk)
-                room = output_limit - len(kept)
-                if room > 0:
-                    kept += chunk[:room]
-            await process.wait()
-            finished = True
-    finally:
-        if not finished:
-            kill_process_group(process)
-        with trio.CancelScope(shield=True):
-            await process.wait()  # reaps it; prompt after SIGKILL
-            await process.stdout.aclose()
-    assert process.returncode is not None  # waited for above
-    return ProcessOutcome(
-        returncode=process.returncode,
-        output=bytes(kept),
-        output_bytes=total,
-        timed_out=not finished,
-    )

@@ -12,7 +12,7 @@ a backlog has built up the old events are history, and a hook should act on the 
 state it is told about (FIP_ROLE, FIP_LEADER_ID), never on counting events.
 
 Each hook sees the sidecar's environment minus anything secret (see
-`health.sanitized_environment`), plus:
+`processes.sanitized_environment`), plus:
 
     FIP_EVENT        gained | lost | leader_change
     FIP_ROLE         leader | follower | candidate (the role after the event)
@@ -36,7 +36,7 @@ from typing import Final, Literal, get_args
 import msgspec
 import trio
 
-from sidecar.health import run_process_group, sanitized_environment, summarize_output
+from sidecar.processes import run_process_group, sanitized_environment, summarize_output
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +130,8 @@ class HookRunner:
         self._base_env = sanitized_environment(os.environ if environ is None else environ)
         self._pending: deque[PendingHook] = deque()
         self._wakeup = trio.Event()
+        self._busy = False
+        self._went_idle = trio.Event()
         self._counts: Counter[tuple[HookEvent, HookOutcome]] = Counter()
         self.last_result: HookResult | None = None
 
@@ -179,9 +181,19 @@ class HookRunner:
         """Execute queued hooks forever, one at a time, oldest first."""
         while True:
             while not self._pending:
+                self._busy = False
+                self._went_idle.set()  # wakes every current waiter ...
+                self._went_idle = trio.Event()  # ... and arms the next round
                 self._wakeup = trio.Event()
                 await self._wakeup.wait()
+            self._busy = True
             await self._execute(self._pending.popleft())
+
+    async def wait_idle(self) -> None:
+        """Return once every queued hook has run, e.g. the `lost` hook of a shutdown resign."""
+        await trio.lowlevel.checkpoint()
+        while self._pending or self._busy:
+            await self._went_idle.wait()
 
     def environment_for(self, hook: PendingHook) -> dict[str, str]:
         return {

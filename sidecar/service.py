@@ -86,7 +86,7 @@ async def serve(config: Config) -> None:
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal, node)
-        await nursery.start(_run_node_then_stop_all, node, nursery.cancel_scope)
+        await nursery.start(_run_node_then_stop_all, node, hooks, nursery.cancel_scope)
         await nursery.start(serve_status, app, config.status_listen)
         nursery.start_soon(health.run, node.set_healthy)
         nursery.start_soon(hooks.run)
@@ -122,12 +122,16 @@ async def _run_assigner(
 
 async def _run_node_then_stop_all(
     node: Node,
+    hooks: HookRunner,
     everything: trio.CancelScope,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """The node decides when the process ends: once it has resigned and stopped."""
+    """The node decides when the process ends: once it has resigned, stopped, and the
+    hooks its resignation queued (an operator's `on_lost`) have run or timed out."""
     await node.run(task_status=task_status)
+    with trio.move_on_after(hooks.settings.hook_timeout + 1):
+        await hooks.wait_idle()
     everything.cancel()
 
 

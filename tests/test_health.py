@@ -29,8 +29,8 @@ from sidecar.health import (
     HealthSettings,
     Hysteresis,
     describe_failure,
-    sanitized_environment,
 )
+from sidecar.processes import sanitized_environment
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -264,3 +264,20 @@ async def test_an_idle_runner_wakes_up_for_a_new_event(tmp_path: Path) -> None:
         await wait_until(lambda: runner.counts()["gained", "ok"] == 2)
         nursery.cancel_scope.cancel()
     assert log.read_text().split() == ["gained", "gained"]
+
+
+async def test_wait_idle_returns_once_queued_hooks_have_run(tmp_path: Path) -> None:
+    """A shutdown resign queues `lost`; the service waits for it before the process exits."""
+    log = tmp_path / "log"
+    hook = write_script(tmp_path / "slow.sh", f'sleep 0.3; echo "$FIP_EVENT" >> {log}\n')
+    runner = HookRunner(
+        HookSettings(on_gained=(hook,), on_lost=(hook,)), node_id=1, floating_ip=None
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(runner.run)
+        runner.notify("gained", "leader", 1, 1)
+        runner.notify("lost", "follower", 1, None)
+        with trio.fail_after(20):
+            await runner.wait_idle()
+        assert log.read_text().split() == ["gained", "lost"]
+        nursery.cancel_scope.cancel()
