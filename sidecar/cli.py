@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import trio
 
-from sidecar import __version__, config, logs, service
+from sidecar import __version__, config, localcluster, logs, service
 from sidecar.digitalocean import TokenError
 from sidecar.protocol import generate_cluster_key
 
@@ -87,6 +87,14 @@ def _parser() -> argparse.ArgumentParser:
     from sidecar.emulator import cli as emulator_cli
 
     emulator_cli.add_arguments(emulate)
+
+    demo = commands.add_parser(
+        "demo",
+        help="run a local three-node cluster with the emulator, edge and web services",
+        description="Start the emulator + edge, three tiny web services and three nodes on "
+        "loopback, print what to try, and run until Ctrl-C (everything is torn down).",
+    )
+    localcluster.add_arguments(demo)
     return parser
 
 
@@ -108,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from sidecar.emulator import cli as emulator_cli
 
             return emulator_cli.run(args)
+        case "demo":
+            return localcluster.run(args)
     return EXIT_RUNTIME
 
 
