@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Build the fip-sidecar image here: make the stand-in base if it is missing, then build
+# docker/Dockerfile from the repository root with the classic builder.
+#
+# Why --network host: the build's pip reaches PyPI through this machine's network and trust
+# store; Docker's default bridge network is not used for anything in this project.
+#
+# Usage: docker/build-image.sh [IMAGE]          (default IMAGE: fip-sidecar:local)
+#   BASE_IMAGE   base to build on (default local/python-base:bookworm, built if missing;
+#                set python:3.12-slim where a registry is reachable)
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/.." && pwd)"
+image="${1:-fip-sidecar:local}"
+base_image="${BASE_IMAGE:-local/python-base:bookworm}"
+
+log() { printf 'build-image: %s\n' "$*" >&2; }
+
+if [ "$base_image" = "local/python-base:bookworm" ]; then
+    "$here/build-base.sh" "$base_image"
+fi
+
+version="$(sed -n 's/^version = "\(.*\)"$/\1/p' "$root/pyproject.toml" | head -n 1)"
+revision="$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+started=$SECONDS
+log "building $image on $base_image"
+DOCKER_BUILDKIT=0 docker build --network host \
+    --build-arg "BASE_IMAGE=$base_image" \
+    --build-arg "VERSION=${version:-0.0.0}" \
+    --build-arg "REVISION=$revision" \
+    --build-arg "CREATED=$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+    -f "$root/docker/Dockerfile" -t "$image" "$root" </dev/null
+log "built $image in $((SECONDS - started))s ($(docker image inspect --format '{{.Size}}' "$image") bytes)"
