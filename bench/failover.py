@@ -106,11 +106,11 @@ def run_trials(args: argparse.Namespace, root: Path, deadline: float) -> list[Sa
                     if cluster is not None:
                         cluster.stop()
                     cluster = None
-                print(f"  {name}: {len(samples.values)}/{args.trials}", end="\r", flush=True)
+                if sys.stdout.isatty():
+                    print(f"  {name}: {len(samples.values)}/{args.trials}", end="\r", flush=True)
         finally:
             if cluster is not None:
                 cluster.stop()
-        print()
     return results
 
 

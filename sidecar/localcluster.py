@@ -242,7 +242,9 @@ class LocalCluster:
     `size` members with ids 1..size; `witnesses` (default: the highest id) vote but never
     lead. `timing` overrides the `[timing]` section (e.g. `{"preempt_delay": 1.0}`).
     `with_ip` also starts the emulator, its edge and one demo web service per droplet, and
-    configures `[floating_ip]`, `[digitalocean]` and an HTTP `[health]` check per node.
+    configures `[floating_ip]`, `[digitalocean]` and an HTTP `[health]` check per node;
+    `health` and `assigner` add keys to those nodes' `[health]` and `[assigner]` sections.
+    `hooks` is every node's `[hooks]` section (e.g. `{"on_gained": [...]}`).
     """
 
     def __init__(
@@ -255,6 +257,8 @@ class LocalCluster:
         profile: str = "lan",
         with_ip: bool = False,
         health: Mapping[str, object] | None = None,
+        assigner: Mapping[str, object] | None = None,
+        hooks: Mapping[str, object] | None = None,
         reserved_ip: str = DEFAULT_RESERVED_IP,
         emulator_flags: Sequence[str] = ("--action-seconds", "0.5"),
         log_level: str = "info",
@@ -277,6 +281,8 @@ class LocalCluster:
         self.profile = profile
         self.with_ip = with_ip
         self.health = dict(health or {})
+        self.assigner = dict(assigner or {})
+        self.hooks = dict(hooks or {})
         self.reserved_ip = reserved_ip
         self.emulator_flags = tuple(emulator_flags)
         self.log_level = log_level
@@ -356,6 +362,7 @@ class LocalCluster:
                 "",
             ]
         lines += _toml_table("timing", self.timing)
+        lines += _toml_table("hooks", self.hooks)
         if self.with_ip:
             if self.emulator_url is None:
                 raise ClusterError("start the emulator before writing configs with an IP")
@@ -371,6 +378,7 @@ class LocalCluster:
                 },
             )
             lines += _toml_table("health", {"http": f"{me.web_url}/healthz", **self.health})
+            lines += _toml_table("assigner", self.assigner)
         return "\n".join(lines) + "\n"
 
     def start(self) -> None:
@@ -641,6 +649,55 @@ class LocalCluster:
             raise ClusterError(f"unexpected history from the emulator: {history!r}")
         return history
 
+    def holder(self) -> int | None:
+        """The droplet holding the reserved IP now, by the emulator's history (None: none)."""
+        history = self.emulator_history()
+        return history[-1]["droplet_id"] if history else None
+
+    def wait_for_holder(
+        self, droplet_id: int, *, since: float = -math.inf, timeout: float = 20.0
+    ) -> dict[str, Any]:
+        """The history entry that gave the IP to `droplet_id`, completed after `since`
+        (CLOCK_MONOTONIC), once it is also the current holder; bounded by `timeout`."""
+        deadline = time.monotonic() + timeout
+        history: list[dict[str, Any]] = []
+        while True:
+            history = self.emulator_history()
+            if history and history[-1]["droplet_id"] == droplet_id:
+                entry = history[-1]
+                if entry["completed_monotonic"] > since:
+                    return entry
+            if time.monotonic() >= deadline:
+                last = history[-3:]
+                raise ClusterError(
+                    f"the IP did not move to droplet {droplet_id} within {timeout}s; "
+                    f"last history entries: {last}"
+                )
+            time.sleep(0.05)
+
+    def kill_web(self, node: int, sig: int = signal.SIGKILL) -> float:
+        """Stop the demo web service beside `node` (with `kill` of the node: a droplet
+        crash); return time.monotonic() taken just before the signal."""
+        helper = self._helper(f"web{node}")
+        before = time.monotonic()
+        helper.process.send_signal(sig)
+        helper.process.wait(timeout=10.0)
+        return before
+
+    def start_web(self, node: int) -> None:
+        """Start the demo web service beside `node` again, on the same port (bounded)."""
+        name = f"web{node}"
+        if any(h.name == name and h.process.poll() is None for h in self._helpers):
+            raise ClusterError(f"the web service of node {node} is already running")
+        self._helpers = [h for h in self._helpers if h.name != name]
+        self._wait_line(self._start_helper(f"web{node}", self._web_argv(node)), "demo web ")
+
+    def _helper(self, name: str) -> _Helper:
+        for helper in self._helpers:
+            if helper.name == name:
+                return helper
+        raise ClusterError(f"this cluster runs no {name}")
+
     def set_web_health(self, node: int, healthy: bool) -> None:
         """Fail or recover the demo web service beside `node`."""
         url = self.members[node].web_url
@@ -680,19 +737,20 @@ class LocalCluster:
             time.sleep(0.05)
         raise ClusterError(f"{helper.name} printed no ready line within {self.ready_timeout}s")
 
+    def _web_argv(self, node: int) -> list[str]:
+        member = self.members[node]
+        return [
+            self.python,
+            "-m",
+            "sidecar.demo_web",
+            "--listen",
+            f"{LOOPBACK}:{member.web_port}",
+            "--name",
+            f"droplet {member.droplet_id} (node {member.id})",
+        ]
+
     def _start_web_services(self) -> None:
-        started = []
-        for member in self.members.values():
-            argv = [
-                self.python,
-                "-m",
-                "sidecar.demo_web",
-                "--listen",
-                f"{LOOPBACK}:{member.web_port}",
-                "--name",
-                f"droplet {member.droplet_id} (node {member.id})",
-            ]
-            started.append(self._start_helper(f"web{member.id}", argv))
+        started = [self._start_helper(f"web{node}", self._web_argv(node)) for node in self.members]
         for helper in started:
             self._wait_line(helper, "demo web ")
 
@@ -747,6 +805,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds a returning lower-id node waits before taking the IP back",
     )
     parser.add_argument(
+        "--restart-after",
+        type=float,
+        default=5.0,
+        help="restart a node this many seconds after it exits, as a supervisor would (0: never)",
+    )
+    parser.add_argument(
         "--action-seconds",
         type=float,
         default=1.0,
@@ -754,7 +818,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _print_demo(cluster: LocalCluster, leader: int) -> None:
+def _print_demo(cluster: LocalCluster, leader: int, restart_after: float) -> None:
     fip_sidecar = f"{shlex.quote(sys.executable)} -m sidecar.cli"
     lead = cluster.members[leader]
     print(f"\nfip-sidecar local demo is up (files and logs in {cluster.workdir})\n")
@@ -775,10 +839,32 @@ def _print_demo(cluster: LocalCluster, leader: int) -> None:
     print(f"  curl -s -X POST {lead.web_url}/fail      # and later: .../recover")
     print("or stop it cleanly (it resigns first, so the hand-over takes one round trip):")
     print(f"  kill -TERM {lead.pid}")
-    print("Start a stopped node again (it takes the IP back after its preempt delay):")
-    print(f"  {fip_sidecar} run --config {lead.config_path} 2>>{lead.log_path} &")
+    if restart_after > 0:
+        print(
+            f"The demo restarts a stopped node after {restart_after:g} s, like a supervisor; "
+            f"node 1 takes the IP back once it has been healthy for its preempt delay."
+        )
     print(f"Any node's view:  {fip_sidecar} status --url {lead.status_url}")
     print("\nCtrl-C stops everything.\n", flush=True)
+
+
+def _supervise(cluster: LocalCluster, exited_at: dict[int, float], restart_after: float) -> None:
+    """Report nodes that exited and start them again `restart_after` seconds later."""
+    now = time.monotonic()
+    for node, member in cluster.members.items():
+        if member.running():
+            continue
+        if node not in exited_at:
+            exited_at[node] = now
+            code = None if member.process is None else member.process.returncode
+            print(f"[{time.strftime('%H:%M:%S')}] node {node} exited ({code})", flush=True)
+        elif restart_after > 0 and now - exited_at[node] >= restart_after:
+            del exited_at[node]
+            cluster.start_node(node, wait=False)
+            print(
+                f"[{time.strftime('%H:%M:%S')}] node {node} restarted, pid {member.pid}",
+                flush=True,
+            )
 
 
 class _Stop(Exception):
@@ -800,9 +886,10 @@ def run(args: argparse.Namespace) -> int:
         emulator_flags=("--action-seconds", str(args.action_seconds)),
     )
     try:
-        print("starting the emulator, 3 web services and the sidecars ...", flush=True)
+        print(f"starting the emulator, {args.nodes} web services and sidecars ...", flush=True)
         cluster.start()
-        _print_demo(cluster, cluster.wait_for_leader(timeout=30.0))
+        _print_demo(cluster, cluster.wait_for_leader(timeout=30.0), args.restart_after)
+        exited_at: dict[int, float] = {}
         shown: tuple[int | None, int | None] = (None, None)
         while True:  # until Ctrl-C / SIGTERM: a demo runs as long as the person wants
             leader: int | None = None
@@ -810,6 +897,7 @@ def run(args: argparse.Namespace) -> int:
                 leader = cluster.leader()
             except SplitBrainError as exc:
                 print(f"!! {exc}", flush=True)
+            _supervise(cluster, exited_at, args.restart_after)
             history = cluster.emulator_history()
             holder = history[-1]["droplet_id"] if history else None
             if (leader, holder) != shown:
