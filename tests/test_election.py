@@ -1,0 +1,409 @@
+"""One test per rule of the election core (`sidecar/election.py`), on a hand-driven cluster.
+
+`Harness` runs cores on one shared clock and passes packets with zero delay, in order,
+unless a test cuts a link or holds a packet back; time moves in 10 ms steps. The
+simulator (`tests/sim`) covers drift, delay, loss and chaos; these tests pin each rule.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import pytest
+
+from sidecar.election import (
+    Election,
+    Event,
+    GainedLeadership,
+    LostLeadership,
+    Member,
+    Ready,
+    Role,
+    Timing,
+)
+from sidecar.messages import Ack, Heartbeat, Message, Resign, VoteRequest, VoteResponse
+
+LAN = Timing()  # heartbeat 0.1, peer_timeout 0.5, lease 0.6, drift 0.1
+QUIET = LAN.lease_timeout  # the start-up quiet period
+STEP = 0.01
+
+
+@dataclass
+class Harness:
+    """A cluster of cores on one clock; packets arrive instantly unless cut or held."""
+
+    ids: tuple[int, ...] = (1, 2, 3)
+    timing: Timing = LAN
+    witnesses: tuple[int, ...] = ()
+    unhealthy: tuple[int, ...] = ()
+    now: float = 0.0
+    cut: set[tuple[int, int]] = field(default_factory=set)
+    hold_if: Callable[[int, int, Message], bool] | None = None
+    held: list[tuple[int, int, Message]] = field(default_factory=list)
+    events: list[tuple[float, int, Event]] = field(default_factory=list)
+    pending: list[tuple[int, int, Message]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        members = [Member(i, eligible=i not in self.witnesses) for i in self.ids]
+        self.nodes = {
+            i: Election(
+                i, members, self.timing, self.now, random.Random(i), healthy=i not in self.unhealthy
+            )
+            for i in self.ids
+        }
+
+    def take(self, node_id: int, ready: Ready) -> Ready:
+        self.pending += [(node_id, out.to, out.msg) for out in ready.sends]
+        self.events += [(self.now, node_id, event) for event in ready.events]
+        return ready
+
+    def deliver(self) -> None:
+        """Pass every pending packet (and the answers they cause), in order."""
+        for _ in range(10_000):
+            if not self.pending:
+                return
+            src, dst, msg = self.pending.pop(0)
+            if (src, dst) in self.cut or dst not in self.nodes:
+                continue
+            if self.hold_if is not None and self.hold_if(src, dst, msg):
+                self.held.append((src, dst, msg))
+                continue
+            self.take(dst, self.nodes[dst].step(src, msg, self.now))
+        raise AssertionError("packets never settled")
+
+    def release_held(self) -> None:
+        held, self.held = self.held, []
+        for src, dst, msg in held:
+            self.take(dst, self.nodes[dst].step(src, msg, self.now))
+        self.deliver()
+
+    def run(self, until: float) -> None:
+        """Tick every node every 10 ms up to `until`, delivering as we go."""
+        while self.now < until - 1e-9:
+            self.now = round(self.now + STEP, 9)
+            for node_id, node in self.nodes.items():
+                self.take(node_id, node.tick(self.now))
+            self.deliver()
+
+    def leaders(self) -> list[int]:
+        return [i for i, n in self.nodes.items() if n.role_at(self.now) is Role.LEADER]
+
+    def gains(self) -> list[tuple[float, int]]:
+        return [(t, i) for t, i, e in self.events if isinstance(e, GainedLeadership)]
+
+    def cut_both(self, a: int, b: int) -> None:
+        self.cut |= {(a, b), (b, a)}
+
+    def isolate(self, node_id: int) -> None:
+        for other in self.ids:
+            if other != node_id:
+                self.cut_both(node_id, other)
+
+
+def lone(node_id: int = 3, ids: tuple[int, ...] = (1, 2, 3), **kw: object) -> Election:
+    members = [Member(i, eligible=i not in kw.get("witnesses", ())) for i in ids]  # type: ignore[operator]
+    return Election(node_id, members, LAN, 0.0, random.Random(0))
+
+
+def heartbeat(
+    term: int = 0, *, leading: bool = False, viable: bool = True, seq: int = 1
+) -> Heartbeat:
+    return Heartbeat(
+        term=term,
+        seq=seq,
+        leader_id=None,
+        leading=leading,
+        eligible=True,
+        healthy=True,
+        viable=viable,
+        ready_to_preempt=False,
+    )
+
+
+def vote_answer(ready: Ready) -> VoteResponse:
+    answers = [o.msg for o in ready.sends if isinstance(o.msg, VoteResponse)]
+    assert len(answers) == 1
+    return answers[0]
+
+
+def settled(h: Harness, until: float = 2.0) -> Harness:
+    h.run(until)
+    return h
+
+
+# ---------------------------------------------------------------------------- who wins
+
+
+def test_lowest_eligible_id_wins_at_cold_start() -> None:
+    h = settled(Harness(ids=(1, 2, 3, 4, 5), witnesses=(1,)))
+    assert h.leaders() == [2]
+    assert [i for _, i in h.gains()] == [2]
+
+
+def test_no_vote_during_the_startup_quiet_period() -> None:
+    voter = lone(3)
+    voter.step(2, heartbeat(), 0.1)
+    assert vote_answer(voter.step(2, VoteRequest(1, 1), QUIET - 0.01)).reason == "startup_quiet"
+    voter.step(2, heartbeat(), QUIET)
+    assert vote_answer(voter.step(2, VoteRequest(1, 2), QUIET + 0.01)).granted
+
+
+def test_no_leader_during_the_startup_quiet_period() -> None:
+    h = Harness()
+    h.run(QUIET - STEP)
+    assert h.leaders() == [] and h.gains() == []
+
+
+def test_one_vote_per_term() -> None:
+    voter = lone(3, ids=(1, 2, 3, 4, 5))
+    assert vote_answer(voter.step(4, VoteRequest(7, 1), 1.0)).granted
+    refusal = vote_answer(voter.step(5, VoteRequest(7, 1), 1.0))
+    assert (refusal.granted, refusal.reason) == (False, "already_voted")
+
+
+def test_refuses_while_promised_to_another() -> None:
+    voter = lone(3)
+    sent = voter.step(2, heartbeat(4, leading=True), 1.0).sends
+    assert [o.msg for o in sent if isinstance(o.msg, Ack)] == [Ack(4, 1, promised=True)]
+    refusal = vote_answer(voter.step(1, VoteRequest(5, 1), 1.0 + LAN.lease_timeout - 0.01))
+    assert refusal.reason == "promised"
+    # The promise runs one lease_timeout from receipt; after that the vote is free again.
+    assert vote_answer(voter.step(1, VoteRequest(6, 2), 1.0 + LAN.lease_timeout)).granted
+
+
+def test_refuses_a_witness_candidate() -> None:
+    voter = lone(3, witnesses=(1,))
+    refusal = vote_answer(voter.step(1, VoteRequest(1, 1), 1.0))
+    assert (refusal.granted, refusal.reason) == (False, "not_eligible")
+
+
+def test_refuses_when_a_lower_viable_id_is_alive() -> None:
+    voter = lone(3)
+    voter.step(1, heartbeat(viable=True), 0.9)
+    assert vote_answer(voter.step(2, VoteRequest(1, 1), 1.0)).reason == "lower_id_viable"
+    # Once node 1 has been silent for peer_timeout, node 2 is the best choice.
+    later = 0.9 + LAN.peer_timeout + 0.01
+    assert vote_answer(voter.step(2, VoteRequest(2, 2), later)).granted
+
+
+def test_a_viable_voter_refuses_a_higher_id() -> None:
+    voter = lone(1)
+    voter.step(3, heartbeat(), 0.9)  # node 1 sees a majority: viable (and it stands, term 1)
+    assert vote_answer(voter.step(2, VoteRequest(5, 1), 1.0)).reason == "lower_id_viable"
+
+
+# ---------------------------------------------------------------------------- leases
+
+
+def leader_of_three() -> tuple[Harness, Election]:
+    h = settled(Harness(), 1.5)
+    assert h.leaders() == [1]
+    return h, h.nodes[1]
+
+
+def test_lease_counts_from_the_send_time_with_the_drift_margin() -> None:
+    h, leader = leader_of_three()
+    lease_before = leader.lease_until()
+    assert lease_before is not None
+    now = h.now
+    for _ in range(100):  # run the leader alone until it sends its next heartbeat
+        now = leader.next_deadline(now)
+        beats = [o.msg for o in leader.tick(now).sends if isinstance(o.msg, Heartbeat)]
+        if beats:
+            break
+    sent_at, seq = now, beats[0].seq
+    assert beats[0].leading
+    # The ack arrives 200 ms later; the lease still starts at the send time, not at receipt.
+    leader.step(2, Ack(leader.term, seq, promised=True), sent_at + 0.2)
+    expected = sent_at + LAN.lease_timeout * (1 - LAN.max_drift)
+    assert leader.lease_until() == pytest.approx(expected)
+    assert expected > lease_before
+
+
+def test_an_ack_without_a_promise_does_not_extend_the_lease() -> None:
+    h, leader = leader_of_three()
+    lease_before = leader.lease_until()
+    now = leader.next_deadline(h.now)
+    seq = max(leader._sent)
+    leader.step(2, Ack(leader.term, seq, promised=False), now)
+    assert leader.lease_until() == lease_before
+
+
+def test_leader_steps_down_when_the_lease_runs_out_without_majority_acks() -> None:
+    h, leader = leader_of_three()
+    lease_end = leader.lease_until()
+    assert lease_end is not None
+    h.isolate(1)
+    h.run(lease_end + 0.05)
+    lost = [e for _, i, e in h.events if i == 1 and isinstance(e, LostLeadership)]
+    assert [(e.reason, e.lease_ended_at) for e in lost] == [("lease_expired", lease_end)]
+    assert leader.role is Role.FOLLOWER
+
+
+def test_one_ack_of_two_keeps_a_three_node_lease() -> None:
+    h, leader = leader_of_three()
+    h.cut_both(1, 3)
+    h.run(h.now + 3 * LAN.lease_timeout)
+    assert h.leaders() == [1]
+
+
+def test_role_at_says_follower_past_the_lease_even_without_a_tick() -> None:
+    _, leader = leader_of_three()
+    lease_end = leader.lease_until()
+    assert lease_end is not None
+    assert leader.role_at(lease_end - 1e-6) is Role.LEADER
+    assert leader.role_at(lease_end) is Role.FOLLOWER
+    assert leader.leader_at(lease_end) is None
+    assert leader.role is Role.LEADER  # nothing was processed: only the query knows
+
+
+def test_a_paused_leader_wakes_as_a_follower_before_it_acts() -> None:
+    h, leader = leader_of_three()
+    paused = h.nodes.pop(1)  # a paused node processes nothing
+    h.run(h.now + 3.0)
+    assert h.leaders() == [2]
+    woke = paused.tick(h.now)
+    assert paused.role_at(h.now) is Role.FOLLOWER
+    assert [type(e) for e in woke.events][0] is LostLeadership
+    assert not any(isinstance(o.msg, Heartbeat) and o.msg.leading for o in woke.sends)
+
+
+# ---------------------------------------------------------------------------- hand-overs
+
+
+def test_resign_releases_promises_and_the_next_node_wins_in_about_a_round_trip() -> None:
+    h, leader = leader_of_three()
+    resigned_at = h.now
+    h.take(1, leader.shutdown(h.now))
+    h.deliver()  # zero-delay network: the whole hand-over is a chain of packets
+    assert h.leaders() == [2]
+    assert h.gains()[-1] == (resigned_at, 2)
+    assert h.nodes[3].promise_at(h.now) == (2, pytest.approx(h.now + LAN.lease_timeout))
+
+
+def test_shutdown_leaves_for_good() -> None:
+    h, leader = leader_of_three()
+    h.take(1, leader.shutdown(h.now))
+    h.run(h.now + 5.0)
+    assert h.leaders() == [2]
+    view = leader.view(h.now)
+    assert (view.role, view.viable) == (Role.FOLLOWER, False)
+    assert [i for _, i in h.gains()] == [1, 2]
+
+
+def test_a_follower_shutting_down_sends_no_resign() -> None:
+    h, _ = leader_of_three()
+    ready = h.nodes[3].shutdown(h.now)
+    assert not any(isinstance(o.msg, Resign) for o in ready.sends)
+
+
+def test_unhealthy_leader_resigns_only_when_a_viable_peer_exists() -> None:
+    h, leader = leader_of_three()
+    for node_id in (2, 3):
+        h.take(node_id, h.nodes[node_id].set_healthy(False, h.now))
+    h.deliver()  # the leader hears that nobody else could take over
+    h.take(1, leader.set_healthy(False, h.now))
+    h.run(h.now + 2.0)
+    assert h.leaders() == [1]  # sick, but nobody can do better
+    h.take(2, h.nodes[2].set_healthy(True, h.now))
+    h.run(h.now + 0.5)
+    assert h.leaders() == [2]
+    lost = [e for _, i, e in h.events if i == 1 and isinstance(e, LostLeadership)]
+    assert [e.reason for e in lost] == ["unhealthy"]
+
+
+# ---------------------------------------------------------------------------- pre-emption
+
+
+def returning_lowest_id(timing: Timing) -> tuple[Harness, float]:
+    h = settled(Harness(timing=timing), 1.5)
+    h.isolate(1)
+    h.run(h.now + 2.0)
+    assert h.leaders() == [2]
+    h.nodes[1] = Election(1, [Member(i) for i in h.ids], timing, h.now, random.Random(9))
+    h.cut.clear()
+    return h, h.now
+
+
+def test_a_returning_lower_id_takes_over_only_after_preempt_delay() -> None:
+    timing = replace(LAN, preempt_delay=2.0)
+    h, returned_at = returning_lowest_id(timing)
+    h.run(returned_at + timing.preempt_delay - STEP)
+    assert h.leaders() == [2]
+    h.run(returned_at + timing.preempt_delay + 0.2)
+    assert h.leaders() == [1]
+    takeover = [t for t, i in h.gains() if i == 1 and t > returned_at]
+    assert takeover[0] - returned_at >= timing.preempt_delay
+
+
+def test_without_preempt_a_returning_lower_id_never_takes_over() -> None:
+    timing = replace(LAN, preempt=False)
+    h, returned_at = returning_lowest_id(timing)
+    h.run(returned_at + 60.0)
+    assert h.leaders() == [2]
+    assert [i for t, i in h.gains() if t > returned_at] == []
+
+
+# ---------------------------------------------------------------------------- no flapping
+
+
+@pytest.mark.parametrize("victim", range(60))
+def test_losing_any_single_packet_never_changes_the_leader(victim: int) -> None:
+    h, _ = leader_of_three()
+    h.run(h.now + 0.25)
+    gains_before = len(h.gains())
+    counter = iter(range(10_000))
+
+    def lose_one(src: int, dst: int, msg: Message) -> bool:
+        return next(counter) == victim
+
+    h.hold_if = lose_one
+    h.run(h.now + 1.0)
+    assert len(h.held) == 1  # that packet never arrives
+    h.hold_if = None
+    h.run(h.now + 2.0)
+    assert h.leaders() == [1]
+    assert len(h.gains()) == gains_before
+
+
+# ---------------------------------------------------------------------------- deadlines
+
+
+@pytest.mark.parametrize("role", ["follower", "candidate", "leader"])
+def test_next_deadline_is_after_now_and_no_later_than_the_next_heartbeat(role: str) -> None:
+    h = Harness()
+    for _ in range(300):
+        h.run(h.now + STEP)
+        for node in h.nodes.values():
+            if node.role_at(h.now).value == role:
+                deadline = node.next_deadline(h.now)
+                assert h.now < deadline <= h.now + LAN.heartbeat_interval + 1e-9
+
+
+# ---------------------------------------------------------------------------- counterexamples
+
+
+def test_a_stale_resign_does_not_release_a_newer_promise() -> None:
+    """A Resign from a leader's earlier stint, delivered late, must not free a follower.
+
+    Node 2 leads (node 1 is sick), resigns and at once wins again in a new term; one copy
+    of its first Resign to node 3 is held back. Node 1 recovers but cannot hear node 2. When
+    the stale Resign finally reaches node 3, node 3 must stay promised to node 2: if it let go,
+    node 1 would win node 3's vote while node 2 still leads on node 3's acks: two leaders.
+    """
+    h = Harness(unhealthy=(1,))
+    h.run(1.0)
+    assert h.leaders() == [2]
+    h.hold_if = lambda src, dst, msg: isinstance(msg, Resign) and dst == 3 and not h.held
+    h.take(2, h.nodes[2].resign(h.now, "test"))
+    h.run(h.now + STEP)
+    h.hold_if = None
+    assert h.leaders() == [2] and len(h.held) == 1  # node 2 leads again, in a newer term
+    h.cut_both(1, 2)
+    h.take(1, h.nodes[1].set_healthy(True, h.now))
+    h.run(h.now + LAN.peer_timeout + 0.1)  # node 1 no longer sees node 2 at all
+    h.release_held()
+    h.run(h.now + 0.5)
+    assert h.leaders() == [2]
