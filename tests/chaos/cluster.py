@@ -58,6 +58,62 @@ def wait_until(
         time.sleep(interval)
 
 
+class EmulatorHost:
+    """The API emulator on its own lab host, holding RESERVED_IP; droplets given at start."""
+
+    def __init__(self, lab: Lab, host: Host, *, action_seconds: float = 0.5) -> None:
+        self.lab = lab
+        self.host = host
+        self.action_seconds = action_seconds
+        self.token_path = lab.workdir / "do_token"
+        self.process: Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host.address}:{API_PORT}"
+
+    def start(self, droplets: Mapping[int, str]) -> None:
+        """`droplets`: droplet id -> region."""
+        self.token_path.write_text(TOKEN + "\n")
+        self.token_path.chmod(0o600)
+        argv = [
+            sys.executable, "-m", "sidecar.cli", "emulate",
+            "--listen", f"{self.host.address}:{API_PORT}",
+            "--token-file", str(self.token_path),
+            "--reserved-ip", f"{RESERVED_IP}={REGION}",
+            "--action-seconds", str(self.action_seconds),
+        ]  # fmt: skip
+        for droplet, region in droplets.items():
+            argv += ["--droplet", f"{droplet}={region}"]
+        self.process = self.lab.spawn(self.host, "emulator", argv)
+        if wait_until(self.state, START_TIMEOUT) is None:
+            raise LabError(f"the emulator did not answer within {START_TIMEOUT}s")
+
+    def state(self) -> dict[str, Any] | None:
+        try:
+            state: dict[str, Any] = self.lab.http_get_json(self.host, API_PORT, "/_emulator/state")
+        except (OSError, LabError, ValueError):
+            return None
+        return state
+
+    def ip_holder(self) -> int | None:
+        """The droplet the emulator says holds the reserved IP now."""
+        state = self.state()
+        if state is None:
+            return None
+        for entry in state["reserved_ips"]:
+            if entry["ip"] == RESERVED_IP:
+                holder: int | None = entry["droplet_id"]
+                return holder
+        return None
+
+    def history(self) -> list[dict[str, Any]]:
+        answer: list[dict[str, Any]] = self.lab.http_get_json(
+            self.host, API_PORT, f"/_emulator/history?reserved_ip={RESERVED_IP}"
+        )
+        return answer
+
+
 class SidecarCluster:
     """Start, watch, hurt and judge a cluster of fip-sidecar nodes inside a lab."""
 
@@ -74,17 +130,16 @@ class SidecarCluster:
         self.specs = {spec.id: spec for spec in nodes}
         self.timing = dict(timing or {})
         self.profile = profile
-        self.action_seconds = action_seconds
         self.hosts: dict[int, Host] = {n: lab.add_host(f"n{n}", n) for n in self.specs}
         self.api_host = lab.add_host("api", API_HOST_INDEX)
+        self.api = EmulatorHost(lab, self.api_host, action_seconds=action_seconds)
         self.processes: dict[int, Process] = {}
-        self.emulator: Process | None = None
         self.key_path = lab.workdir / "cluster.key"
-        self.token_path = lab.workdir / "do_token"
+        self.token_path = self.api.token_path
 
     @property
     def api_url(self) -> str:
-        return f"http://{self.api_host.address}:{API_PORT}"
+        return self.api.url
 
     # ------------------------------------------------------------------ start
     def start(self) -> None:
@@ -92,8 +147,6 @@ class SidecarCluster:
 
         self.key_path.write_text(generate_cluster_key() + "\n")
         self.key_path.chmod(0o600)
-        self.token_path.write_text(TOKEN + "\n")
-        self.token_path.chmod(0o600)
         self._start_emulator()
         for node in self.specs:
             path = self.lab.workdir / f"node{node}.toml"
@@ -108,19 +161,12 @@ class SidecarCluster:
                 raise LabError(f"node {node} did not answer /status within {START_TIMEOUT}s")
 
     def _start_emulator(self) -> None:
-        argv = [
-            sys.executable, "-m", "sidecar.cli", "emulate",
-            "--listen", f"{self.api_host.address}:{API_PORT}",
-            "--token-file", str(self.token_path),
-            "--reserved-ip", f"{RESERVED_IP}={REGION}",
-            "--action-seconds", str(self.action_seconds),
-        ]  # fmt: skip
-        for spec in self.specs.values():
-            region = REGION if spec.eligible else WITNESS_REGION
-            argv += ["--droplet", f"{spec.droplet_id}={region}"]
-        self.emulator = self.lab.spawn(self.api_host, "emulator", argv)
-        if wait_until(self._emulator_state, START_TIMEOUT) is None:
-            raise LabError(f"the emulator did not answer within {START_TIMEOUT}s")
+        self.api.start(
+            {
+                spec.droplet_id: REGION if spec.eligible else WITNESS_REGION
+                for spec in self.specs.values()
+            }
+        )
 
     def config_text(self, node: int) -> str:
         spec, host = self.specs[node], self.hosts[node]
@@ -186,31 +232,11 @@ class SidecarCluster:
         """True once `expected` is the only node reporting itself leader."""
         return wait_until(lambda: self.leaders() == {expected}, timeout, interval=0.2) is not None
 
-    def _emulator_state(self) -> dict[str, Any] | None:
-        try:
-            state: dict[str, Any] = self.lab.http_get_json(
-                self.api_host, API_PORT, "/_emulator/state"
-            )
-        except (OSError, LabError, ValueError):
-            return None
-        return state
-
     def ip_holder(self) -> int | None:
-        """The droplet the emulator says holds the reserved IP now."""
-        state = self._emulator_state()
-        if state is None:
-            return None
-        for entry in state["reserved_ips"]:
-            if entry["ip"] == RESERVED_IP:
-                holder: int | None = entry["droplet_id"]
-                return holder
-        return None
+        return self.api.ip_holder()
 
     def history(self) -> list[dict[str, Any]]:
-        answer: list[dict[str, Any]] = self.lab.http_get_json(
-            self.api_host, API_PORT, f"/_emulator/history?reserved_ip={RESERVED_IP}"
-        )
-        return answer
+        return self.api.history()
 
     # ------------------------------------------------------------------ hurt
     def kill(self, node: int) -> float:

@@ -372,7 +372,6 @@ class Lab:
             )
         run(["ip", "-n", sw, "link", "set", outer, "master", "br0", "up"])
         run(["ip", "-n", sw, "link", "set", inner, "promisc", "on", "up"])
-        run(["ip", "-n", sw, "link", "set", host.switch_port, "nomaster", "promisc", "on"])
         argv = [
             sys.executable, str(IMPAIR_SCRIPT),
             "--host-port", host.switch_port, "--switch-port", inner,
@@ -383,21 +382,28 @@ class Lab:
             argv += ["--seed", str(seed)]
         relay = subprocess.Popen(
             ["ip", "netns", "exec", sw, *argv],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=(self.workdir / f"impair-{host.name}.log").open("ab"),
-            stdin=subprocess.DEVNULL,
         )
         self._impairments[host.name] = _Impairment(relay, inner)
-        assert relay.stdout is not None
+        assert relay.stdout is not None and relay.stdin is not None
         if relay.stdout.readline().strip() != b"ready":
             self.clear_impairment(host)
             raise LabError(f"impairer for {host.name} did not start (see impair-{host.name}.log)")
+        # Unplug the port only now that the relay is listening: the host loses no frames.
+        run(["ip", "-n", sw, "link", "set", host.switch_port, "nomaster", "promisc", "on"])
+        relay.stdin.write(b"go\n")
+        relay.stdin.flush()
 
     def clear_impairment(self, host: Host) -> str:
         """Stop the impairer and plug the host's port back into the bridge; returns its counts."""
         imp = self._impairments.pop(host.name, None)
         if imp is None:
             return ""
+        sw = self.switch_ns
+        # Plug back in first (a few duplicate frames are harmless), then stop the relay.
+        run(["ip", "-n", sw, "link", "set", host.switch_port, "promisc", "off", "master", "br0"])
         summary = b""
         if imp.relay.poll() is None:
             imp.relay.terminate()
@@ -406,9 +412,7 @@ class Lab:
         except subprocess.TimeoutExpired:
             imp.relay.kill()
             imp.relay.wait(timeout=10)
-        sw = self.switch_ns
         run(["ip", "-n", sw, "link", "del", imp.veth], check=False)
-        run(["ip", "-n", sw, "link", "set", host.switch_port, "promisc", "off", "master", "br0"])
         return summary.decode(errors="replace").strip()
 
     def drop(
@@ -506,8 +510,9 @@ class Lab:
                 imp.relay.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 imp.relay.wait(timeout=10)
-            if imp.relay.stdout is not None:
-                imp.relay.stdout.close()
+            for pipe in (imp.relay.stdin, imp.relay.stdout):
+                if pipe is not None:
+                    pipe.close()
         for ns in reversed(self._namespaces):
             run(["ip", "netns", "del", ns], check=False)
         self._namespaces.clear()
