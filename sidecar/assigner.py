@@ -254,10 +254,6 @@ class AssignerSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     requests_last_hour: int
 
 
-class _FollowResult(msgspec.Struct, frozen=True):
-    outcome: str
-
-
 class Assigner:
     """Points `reserved_ip` at `droplet_id` while `leadership` says this node leads.
 
@@ -409,7 +405,7 @@ class Assigner:
                 raise
             record = msgspec.structs.replace(record, action_id=action.id)
             self._last_assignment = record
-            outcome = (await self._follow(action)).outcome
+            outcome = await self._follow(action)
         finally:
             duration = trio.current_time() - started
             self._last_assignment = msgspec.structs.replace(
@@ -427,7 +423,7 @@ class Assigner:
             extra={**self._log_fields, "outcome": outcome, "duration_seconds": duration},
         )
 
-    async def _follow(self, action: Action) -> _FollowResult:
+    async def _follow(self, action: Action) -> str:
         """Poll the action until it ends, it vanishes (404) or `action_timeout` passes."""
         with trio.move_on_after(self._settings.action_timeout):
             while not action.done:
@@ -436,11 +432,11 @@ class Assigner:
                     action = await self._poll_action(action.id)
                 except NotFound:
                     # Some actions are not (yet) visible by id; the IP itself is the truth.
-                    return _FollowResult("unknown")
+                    return "unknown"
                 except ProviderError as exc:
                     await trio.sleep(self._delay_after(exc))
-            return _FollowResult(action.status)
-        return _FollowResult("timeout")
+            return action.status
+        return "timeout"
 
     async def _poll_action(self, action_id: int) -> Action:
         await self._budget.acquire()
@@ -493,7 +489,10 @@ class Assigner:
             logger.warning("DigitalOcean API: 422, an action is in progress; waiting", extra=fields)
             return self._unprocessable_delay()
         if isinstance(exc, RateLimited) and exc.retry_after is not None:
-            delay = min(exc.retry_after, settings.rate_limit_max_delay)
+            # Honour the server, but never hammer it on a "retry after 0".
+            delay = min(
+                max(exc.retry_after, settings.backoff_base_delay), settings.rate_limit_max_delay
+            )
             logger.warning(
                 "DigitalOcean API: rate limited; waiting", extra={**fields, "delay": delay}
             )

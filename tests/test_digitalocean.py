@@ -441,6 +441,7 @@ ERROR_CASES = [
         # A server echoing the token back: the message is scrubbed.
         ('{"id":"unauthorized","message":"bad token ' + TOKEN_TEXT + '"}').encode(),
     ],
+    ids=["error-body", "html", "empty", "wrong-shape", "echoes-token"],
 )
 async def test_every_status_becomes_its_typed_error(
     status: int,
