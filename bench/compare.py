@@ -27,7 +27,9 @@ Run as root from the repository root:
 
 from __future__ import annotations
 
+import abc
 import argparse
+import functools
 import os
 import shutil
 import signal
@@ -132,7 +134,7 @@ def idle_usage(pids_of: dict[int, list[int]], seconds: float) -> dict[int, tuple
 
 
 # ---------------------------------------------------------------------- systems
-class System:
+class System(abc.ABC):
     """What the measurements need from either system."""
 
     name: str
@@ -140,12 +142,32 @@ class System:
     api: EmulatorHost
     eligible: tuple[int, ...] = (1, 2)
 
-    def leader(self) -> int | None: ...
-    def takeovers(self, since: float) -> list[tuple[float, int]]: ...
-    def kill_leader_process(self, node: int) -> float: ...
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Start everything (emulator included)."""
+
+    @abc.abstractmethod
+    def leader(self) -> int | None:
+        """The one node that says it leads now, else None."""
+
+    @abc.abstractmethod
+    def takeovers(self, since: float) -> list[tuple[float, int]]:
+        """(monotonic time, node) of every leadership gained since `since`, in order."""
+
+    @abc.abstractmethod
+    def kill_leader_process(self, node: int) -> float:
+        """SIGKILL the node's daemon; the monotonic time of the kill."""
+
+    @abc.abstractmethod
     def restart(self, node: int) -> None: ...
-    def pids(self) -> dict[int, list[int]]: ...
-    def settled(self) -> int | None: ...
+
+    @abc.abstractmethod
+    def pids(self) -> dict[int, list[int]]:
+        """node -> every PID of its daemon (keepalived has a parent and a VRRP child)."""
+
+    @abc.abstractmethod
+    def settled(self) -> int | None:
+        """The leader, when the system is at rest with the IP on it; else None."""
 
     def host(self, node: int) -> netns.Host:
         return self.lab.hosts[f"n{node}"]
@@ -368,7 +390,7 @@ def measure_failover(
     results_leader: list[float],
     results_ip: list[float],
     inject: Callable[[int], float],
-    repair: Callable[[int], None],
+    repair: Callable[[int], object],
 ) -> bool:
     old = wait_settled(system)
     other = next(n for n in system.eligible if n != old)
@@ -399,7 +421,7 @@ def measure_failover(
 
 def run_system(system: System, args: argparse.Namespace) -> Results:
     results = Results()
-    system.start()  # type: ignore[attr-defined]
+    system.start()
     wait_settled(system)
     print(f"[{system.name}] idle for {args.idle_seconds}s", flush=True)
     for cpu, rss in idle_usage(system.pids(), args.idle_seconds).values():
@@ -534,7 +556,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         plans.append(("fip-sidecar", SidecarSystem))
     for name in profiles:
         profile = KEEPALIVED_PROFILES[name]
-        plans.append((f"keepalived-{name}", lambda lab, p=profile: KeepalivedPair(lab, p)))
+        plans.append((f"keepalived-{name}", functools.partial(KeepalivedPair, profile=profile)))
     for label, make in plans:
         workdir = root / label
         workdir.mkdir(parents=True, exist_ok=True)

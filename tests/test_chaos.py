@@ -12,19 +12,28 @@ Waits are generous upper bounds (a loaded 2-core CI box) and never assertions of
 
 from __future__ import annotations
 
+import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 from chaos import netns
-from chaos.checker import read_events
+from chaos.checker import NodeLog, check_run, read_events
 from chaos.cluster import SidecarCluster, wait_until
 
 from sidecar.config import PROFILES
 
-pytestmark = [pytest.mark.slow, pytest.mark.netns, pytest.mark.timeout(300)]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def scenario(test: F) -> F:
+    """Marks for the real-process scenarios (the checker's own tests below run anywhere)."""
+    marked: F = pytest.mark.slow(pytest.mark.netns(pytest.mark.timeout(300)(test)))
+    return marked
+
 
 LAN = PROFILES["lan"]
 #: Generous bounds for things to happen on a loaded machine (not speed assertions).
@@ -56,6 +65,7 @@ def _ip_on(cluster: SidecarCluster, droplet: int) -> bool:
     return wait_until(lambda: cluster.ip_holder() == droplet, IP_WAIT) is not None
 
 
+@scenario
 def test_leader_killed_with_sigkill_is_replaced(cluster: SidecarCluster) -> None:
     since = time.monotonic()
     cluster.kill(1)
@@ -72,6 +82,7 @@ def test_leader_killed_with_sigkill_is_replaced(cluster: SidecarCluster) -> None
     ).assert_ok()
 
 
+@scenario
 def test_partitioned_leader_steps_down_within_a_lease_and_does_not_flap_back(
     cluster: SidecarCluster,
 ) -> None:
@@ -111,6 +122,7 @@ def test_partitioned_leader_steps_down_within_a_lease_and_does_not_flap_back(
     ).assert_ok()
 
 
+@scenario
 def test_loss_and_jitter_on_every_host_change_nothing(cluster: SidecarCluster) -> None:
     since = time.monotonic()
     for seed, host in enumerate(cluster.hosts.values()):
@@ -128,6 +140,7 @@ def test_loss_and_jitter_on_every_host_change_nothing(cluster: SidecarCluster) -
     ).assert_ok()
 
 
+@scenario
 def test_failover_works_with_the_witness_behind_a_slow_wan_link(cluster: SidecarCluster) -> None:
     # 50 ms each way: the witness is 100 ms of round trip away, as in another region.
     cluster.lab.impair(cluster.hosts[3], delay=0.050, direction="both")
@@ -145,3 +158,65 @@ def test_failover_works_with_the_witness_behind_a_slow_wan_link(cluster: Sidecar
         max_leader_changes=1,
         max_ip_moves=1,
     ).assert_ok()
+
+
+# ---------------------------------------------------------------------- the checker itself
+def _write_log(path: Path, events: list[dict[str, Any]]) -> Path:
+    path.write_text("not json: a startup banner\n" + "".join(json.dumps(e) + "\n" for e in events))
+    return path
+
+
+def _gained(at: float) -> dict[str, Any]:
+    return {"event": "gained", "mono": at, "at_mono": at}
+
+
+def _lost(at: float, lease_ended: float) -> dict[str, Any]:
+    return {"event": "lost", "mono": at, "at_mono": at, "lease_ended_mono": lease_ended}
+
+
+def test_checker_passes_a_clean_handover(tmp_path: Path) -> None:
+    logs = [
+        NodeLog(1, True, 1001, _write_log(tmp_path / "1", [_gained(10.0), _lost(20.5, 20.0)])),
+        NodeLog(2, True, 1002, _write_log(tmp_path / "2", [_gained(20.2)])),
+        NodeLog(3, False, 1003, _write_log(tmp_path / "3", [])),
+    ]
+    history = [
+        {"droplet_id": 1002, "source": "api", "requested_monotonic": 20.3,
+         "completed_monotonic": 20.8},
+    ]  # fmt: skip
+    verdict = check_run(
+        logs, history, since=15.0, until=30.0, final_leader=2, final_ip_holder=1002,
+        min_leader_changes=1, max_leader_changes=1, min_ip_moves=1, max_ip_moves=1,
+    )  # fmt: skip
+    verdict.assert_ok()
+
+
+def test_checker_catches_overlap_witness_and_rogue_assignment(tmp_path: Path) -> None:
+    logs = [
+        # Node 1 noticed late, but its lease ended at 20.4: still past node 2's start.
+        NodeLog(1, True, 1001, _write_log(tmp_path / "1", [_gained(10.0), _lost(21.0, 20.4)])),
+        NodeLog(2, True, 1002, _write_log(tmp_path / "2", [_gained(20.2)])),
+        NodeLog(3, False, 1003, _write_log(tmp_path / "3", [_gained(25.0), _lost(25.5, 25.5)])),
+    ]
+    history = [
+        {"droplet_id": 1001, "source": "api", "requested_monotonic": 22.0,
+         "completed_monotonic": 22.5},
+    ]  # fmt: skip
+    verdict = check_run(logs, history, since=15.0, until=30.0, final_leader=2, max_ip_moves=0)
+    problems = "\n".join(verdict.problems)
+    assert "two leaders: node 1" in problems and "node 2" in problems
+    assert "witness node 3 led" in problems
+    assert "requested at 22.000 while node 1 was not leader" in problems
+    assert "1 IP move(s), expected at most 0" in problems
+    with pytest.raises(AssertionError, match="merged timeline"):
+        verdict.assert_ok()
+
+
+def test_checker_ends_a_killed_leaders_term_at_the_kill(tmp_path: Path) -> None:
+    logs = [
+        NodeLog(1, True, 1001, _write_log(tmp_path / "1", [_gained(10.0)]), deaths=(20.0,)),
+        NodeLog(2, True, 1002, _write_log(tmp_path / "2", [_gained(20.6)])),
+    ]
+    check_run(logs, [], since=15.0, until=30.0, final_leader=2).assert_ok()
+    alive = [NodeLog(1, True, 1001, logs[0].path), logs[1]]
+    assert not check_run(alive, [], since=15.0, until=30.0).ok

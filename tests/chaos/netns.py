@@ -64,8 +64,6 @@ def unavailable_reason() -> str | None:
     if added.returncode != 0:
         return f"`ip netns add` failed: {added.stderr.strip()}"
     subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    if shutil.which("nft") is None:
-        return "needs nftables (`nft`): apt-get install -y nftables"
     return None
 
 
@@ -433,6 +431,8 @@ class Lab:
         """
         if direction not in ("in", "out"):
             raise LabError(f"direction must be 'in' or 'out', not {direction!r}")
+        if shutil.which("nft") is None:
+            raise LabError("drop() needs nftables: apt-get install -y nftables")
         own, other = ("daddr", "saddr") if direction == "in" else ("saddr", "daddr")
         chain = self._drop_chain(host)
         rule: list[str] = ["ip", own, host.address]
