@@ -236,6 +236,9 @@ class Election:
         self._voted_for: int | None = None
         self._promise_to: int | None = None
         self._promise_until = float("-inf")
+        # The newest term of the leader's messages behind the promise: only that leader's
+        # Resign from that term or later may release it (an older one is a late packet).
+        self._promise_term = -1
         self._follow: int | None = None  # the leader whose heartbeat we accepted
         self._follow_until = float("-inf")
         self._lease_until = float("-inf")
@@ -324,6 +327,12 @@ class Election:
     def lease_until(self) -> float | None:
         return self._lease_until if self.role is Role.LEADER else None
 
+    def promise_at(self, now: float) -> tuple[int, float] | None:
+        """Whom this node has promised not to vote against at `now`, and until when."""
+        if self._promise_to is None or now >= self._promise_until:
+            return None
+        return self._promise_to, self._promise_until
+
     def next_deadline(self, now: float) -> float:
         """The earliest future time at which `tick` could change something."""
         t = self.timing
@@ -385,8 +394,7 @@ class Election:
         peer.ready_to_preempt = msg.ready_to_preempt and peer.viable
         promised = msg.leading and self._accept_leader(peer.id, now)
         if promised:
-            self._promise_to = peer.id
-            self._promise_until = now + self.timing.lease_timeout
+            self._promise(peer.id, msg.term, now)
             self._follow = peer.id
             self._follow_until = self._promise_until
             if self.role is Role.CANDIDATE:
@@ -398,6 +406,14 @@ class Election:
         if self.role_at(now) is Role.LEADER:
             return False
         return not (now < self._promise_until and self._promise_to != leader)
+
+    def _promise(self, leader: int, term: int, now: float) -> None:
+        """Promise `leader` (for a heartbeat or a vote in `term`) one lease from now."""
+        if self._promise_to != leader:
+            self._promise_term = term
+        self._promise_term = max(self._promise_term, term)
+        self._promise_to = leader
+        self._promise_until = now + self.timing.lease_timeout
 
     def _on_ack(self, peer: PeerState, msg: Ack, now: float, ready: Ready) -> None:
         sent_at = self._sent.get(msg.seq)
@@ -413,8 +429,7 @@ class Election:
         if granted:
             self._voted_term = msg.term
             self._voted_for = peer.id
-            self._promise_to = peer.id
-            self._promise_until = now + self.timing.lease_timeout
+            self._promise(peer.id, msg.term, now)
         ready.sends.append(
             Outgoing(peer.id, VoteResponse(self.term, msg.seq, granted, reason or "granted"))
         )
@@ -456,18 +471,24 @@ class Election:
             return
         self._promised_at[peer.id] = max(self._promised_at.get(peer.id, sent_at), sent_at)
         lease_start = self._majority_promise_time(now)
-        if lease_start is not None:
+        # Votes that arrive too late to leave any lease make no leader (and no event).
+        if lease_start is not None and self._lease_end(lease_start) > now:
             self._become_leader(now, lease_start, ready)
 
     def _on_resign(self, peer: PeerState, msg: Resign, now: float) -> None:
+        # A Resign from an earlier stint can arrive late (delayed or duplicated) after we
+        # promised the same node again in a newer term. It must not free that promise: the
+        # node may be leading again on it, and our vote for another would make two leaders.
+        if self._promise_to == peer.id and msg.term < self._promise_term:
+            return
         peer.leading = False
         peer.viable = False
         peer.ready_to_preempt = False
         peer.leader_id = None
         if self._promise_to == peer.id:
-            self._promise_until = now
+            self._promise_until = min(self._promise_until, now)
         if self._follow == peer.id:
-            self._follow_until = now
+            self._follow_until = min(self._follow_until, now)
 
     # ------------------------------------------------------------------ transitions
 

@@ -44,6 +44,7 @@ class Harness:
     held: list[tuple[int, int, Message]] = field(default_factory=list)
     events: list[tuple[float, int, Event]] = field(default_factory=list)
     pending: list[tuple[int, int, Message]] = field(default_factory=list)
+    most_leaders_at_once: int = 0
 
     def __post_init__(self) -> None:
         members = [Member(i, eligible=i not in self.witnesses) for i in self.ids]
@@ -57,6 +58,7 @@ class Harness:
     def take(self, node_id: int, ready: Ready) -> Ready:
         self.pending += [(node_id, out.to, out.msg) for out in ready.sends]
         self.events += [(self.now, node_id, event) for event in ready.events]
+        self.most_leaders_at_once = max(self.most_leaders_at_once, len(self.leaders()))
         return ready
 
     def deliver(self) -> None:
@@ -243,7 +245,7 @@ def test_leader_steps_down_when_the_lease_runs_out_without_majority_acks() -> No
 
 
 def test_one_ack_of_two_keeps_a_three_node_lease() -> None:
-    h, leader = leader_of_three()
+    h, _ = leader_of_three()
     h.cut_both(1, 3)
     h.run(h.now + 3 * LAN.lease_timeout)
     assert h.leaders() == [1]
@@ -260,13 +262,13 @@ def test_role_at_says_follower_past_the_lease_even_without_a_tick() -> None:
 
 
 def test_a_paused_leader_wakes_as_a_follower_before_it_acts() -> None:
-    h, leader = leader_of_three()
+    h, _ = leader_of_three()
     paused = h.nodes.pop(1)  # a paused node processes nothing
     h.run(h.now + 3.0)
     assert h.leaders() == [2]
     woke = paused.tick(h.now)
     assert paused.role_at(h.now) is Role.FOLLOWER
-    assert [type(e) for e in woke.events][0] is LostLeadership
+    assert isinstance(woke.events[0], LostLeadership)
     assert not any(isinstance(o.msg, Heartbeat) and o.msg.leading for o in woke.sends)
 
 
@@ -406,4 +408,21 @@ def test_a_stale_resign_does_not_release_a_newer_promise() -> None:
     h.run(h.now + LAN.peer_timeout + 0.1)  # node 1 no longer sees node 2 at all
     h.release_held()
     h.run(h.now + 0.5)
+    assert h.most_leaders_at_once == 1
     assert h.leaders() == [2]
+
+
+def test_votes_too_late_to_leave_a_lease_make_no_leader() -> None:
+    """With a long election round, a vote can arrive after the lease it would give is over."""
+    timing = replace(LAN, election_round=2.0)
+    h = Harness(timing=timing)
+    h.hold_if = lambda src, dst, msg: isinstance(msg, VoteResponse) and dst == 1
+    h.run(1.0)
+    candidate = h.nodes[1]
+    assert candidate.role is Role.CANDIDATE
+    granted = [(src, m) for src, _, m in h.held if isinstance(m, VoteResponse) and m.granted]
+    src, first = min(granted, key=lambda pair: pair[1].seq)
+    h.now += timing.lease_timeout  # the earliest vote arrives one lease after it was asked for
+    ready = h.take(1, candidate.step(src, first, h.now))
+    assert not any(isinstance(e, GainedLeadership) for e in ready.events)
+    assert candidate.role_at(h.now) is Role.CANDIDATE

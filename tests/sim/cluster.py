@@ -246,6 +246,10 @@ class Simulation:
     def _record(self, node: SimNode, event: object) -> None:
         match event:
             case GainedLeadership(term=term, lease_until=lease_until):
+                if lease_until <= node.clock.local(self.now):
+                    raise InvariantViolation(
+                        f"t={self.now:.6f} n{node.id} announced leadership with a lapsed lease"
+                    )
                 end = node.clock.true_time_of(lease_until)
                 self.leadership.append(LeadershipEvent(self.now, node.id, True, "gained"))
                 self.log(f"n{node.id} GAINED leadership term={term} lease_until(true)={end:.4f}")
@@ -259,7 +263,7 @@ class Simulation:
         deadline = election.next_deadline(local)
         if not deadline > local:
             raise InvariantViolation(
-                f"t={self.now:.6f} n{node.id}: next_deadline {deadline!r} is not after now {local!r}"
+                f"t={self.now:.6f} n{node.id}: next_deadline {deadline!r} is not after {local!r}"
             )
         if deadline > local + self.timing.heartbeat_interval + EPSILON:
             raise InvariantViolation(
