@@ -117,6 +117,23 @@ def free_port(kind: int, taken: set[int]) -> int:
     raise ClusterError("could not find a free loopback port in 50 tries")
 
 
+def udp_port_in_use(port: int) -> bool:
+    """Whether some socket has bound UDP `port`, from /proc/net/udp (Linux).
+
+    Read-only on purpose: probing by binding the port ourselves could make the node's own
+    bind fail in the instant we hold it.
+    """
+    wanted = f":{port:04X}"
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        if any(line.split()[1].endswith(wanted) for line in lines if line.strip()):
+            return True
+    return False
+
+
 def _toml_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -381,16 +398,40 @@ class LocalCluster:
             lines += _toml_table("assigner", self.assigner)
         return "\n".join(lines) + "\n"
 
-    def start(self) -> None:
-        """Start everything and wait until every status port answers (bounded)."""
+    def start(self, *, synchronized: bool = False) -> None:
+        """Start everything and wait until every status port answers (bounded).
+
+        Processes are spawned back to back; their start-up (imports) still spreads them
+        over a second or so. With `synchronized`, each node is frozen (SIGSTOP) the moment
+        it has bound its election port, and all are released (SIGCONT) together once every
+        one is bound, so their elections really begin at the same instant.
+        """
         if self.with_ip:
             self._start_web_services()
             self._start_emulator()
         self.write_files()
         for member in self.members.values():
             self._spawn(member)
+        if synchronized:
+            self._freeze_each_once_bound()
+            for member in self.members.values():
+                self.resume(member.id)
         for node in self.members:
             self.wait_ready(node)
+
+    def _freeze_each_once_bound(self) -> None:
+        waiting = dict(self.members)
+        deadline = time.monotonic() + self.ready_timeout
+        while waiting:
+            for node, member in list(waiting.items()):
+                if not member.running():
+                    raise ClusterError(f"node {node} exited while starting:\n{self.log_tail(node)}")
+                if udp_port_in_use(member.udp_port):
+                    self.pause(node)
+                    del waiting[node]
+            if time.monotonic() > deadline:
+                raise ClusterError(f"nodes {sorted(waiting)} did not bind within the timeout")
+            time.sleep(0.002)
 
     def _spawn(self, member: Member) -> None:
         log = member.log_path.open("ab")
