@@ -51,8 +51,12 @@ rm -f "$rootfs.log"
 if [ -s "$host_ca_bundle" ]; then
     cp "$host_ca_bundle" "$rootfs/etc/ssl/certs/ca-certificates.crt"
 fi
-# Leave no package caches or lists in the base, like the official slim images.
-rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* "$rootfs"/tmp/*
+# Leave no package caches, lists, manuals or translations in the base, like the slim images.
+rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* "$rootfs"/tmp/* \
+    "$rootfs"/usr/share/man/* "$rootfs"/usr/share/info/* "$rootfs"/usr/share/locale/*
+# mktemp made the directory 0700, and tar records "." with that mode: the image's / would then
+# be closed to every non-root user (exec of anything fails with "not found in $PATH").
+chmod 0755 "$rootfs"
 
 log "importing as $image"
 tar --numeric-owner -C "$rootfs" -c . | docker import \

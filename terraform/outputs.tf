@@ -1,0 +1,41 @@
+output "reserved_ip" {
+  description = "The floating address clients use; the elected leader's droplet holds it."
+  value       = digitalocean_reserved_ip.service.ip_address
+}
+
+output "droplets" {
+  description = "Each member by node id: name, region, role and addresses."
+  value = merge(
+    { for index, droplet in digitalocean_droplet.eligible : tostring(index + 1) => {
+      name         = droplet.name
+      region       = droplet.region
+      role         = "eligible"
+      public_ipv4  = droplet.ipv4_address
+      private_ipv4 = droplet.ipv4_address_private
+    } },
+    { "3" = {
+      name         = digitalocean_droplet.witness.name
+      region       = digitalocean_droplet.witness.region
+      role         = "witness"
+      public_ipv4  = digitalocean_droplet.witness.ipv4_address
+      private_ipv4 = digitalocean_droplet.witness.ipv4_address_private
+    } },
+  )
+}
+
+output "status_commands" {
+  description = "Run one to see a member's view of the cluster (role, term, leader, peers, the IP)."
+  value = merge(
+    { for index, droplet in digitalocean_droplet.eligible :
+    tostring(index + 1) => "ssh root@${droplet.ipv4_address} curl -s 127.0.0.1:${var.status_port}/status" },
+    { "3" = "ssh root@${digitalocean_droplet.witness.ipv4_address} curl -s 127.0.0.1:${var.status_port}/status" },
+  )
+}
+
+output "token_placement" {
+  description = "What is left to do by hand when the sidecar token is not in user_data."
+  value = local.sidecar_token_in_user_data ? "nothing: the sidecar token is in user_data" : join(" ; ", [
+    for droplet in concat(digitalocean_droplet.eligible, [digitalocean_droplet.witness]) :
+    "ssh root@${droplet.ipv4_address} 'install -m 0600 -o 10001 -g 10001 /dev/stdin /etc/fip-sidecar/do_token' < sidecar.token"
+  ])
+}

@@ -1,0 +1,144 @@
+variable "do_token" {
+  description = "DigitalOcean API token Terraform uses to create the resources (needs write access to droplets, firewalls, tags and reserved IPs). Never written to a droplet."
+  type        = string
+  sensitive   = true
+}
+
+variable "sidecar_do_token" {
+  description = <<-EOT
+    Token the sidecars use at run time. Create a separate custom-scoped token with only
+    `reserved_ip:read`, `reserved_ip:update` (the assign action) and `droplet:read` (peer
+    discovery; the control panel adds the read scopes reserved_ip:update requires: actions,
+    regions, sizes, image), so a leaked droplet can move this IP and read droplets, nothing
+    more. Leave it empty with template_sidecar_token = false to place it by hand.
+  EOT
+  type        = string
+  sensitive   = true
+  default     = ""
+}
+
+variable "template_sidecar_token" {
+  description = <<-EOT
+    Write sidecar_do_token into the droplets' user_data (true), or leave it out so an operator
+    places /etc/fip-sidecar/do_token (mode 0600, owner 10001) on each droplet afterwards
+    (false). user_data is readable by anything on the droplet through the metadata service
+    (169.254.169.254, no authentication), is stored in the Terraform state, and cannot be
+    changed without recreating the droplet; false avoids all three at the cost of a manual step.
+  EOT
+  type        = bool
+  default     = true
+}
+
+variable "cluster_key" {
+  description = "Shared cluster key authenticating election packets (base64, >= 32 bytes; make one with `fip-sidecar keygen`)."
+  type        = string
+  sensitive   = true
+
+  validation {
+    # A pattern, not base64decode(): that function fails on bytes that are not UTF-8, as
+    # random key bytes almost never are. 43 base64 characters carry 32 bytes.
+    condition     = can(regex("^[A-Za-z0-9+/_-]{43,}={0,2}$", trimspace(var.cluster_key)))
+    error_message = "cluster_key must be base64 of at least 32 bytes: generate one with `fip-sidecar keygen`."
+  }
+}
+
+variable "name_prefix" {
+  description = "Prefix for droplet names, tags and the firewall."
+  type        = string
+  default     = "fip"
+
+  validation {
+    condition     = can(regex("^[a-z][a-z0-9-]{0,30}$", var.name_prefix))
+    error_message = "name_prefix: lower-case letters, digits and dashes, starting with a letter, at most 31 characters."
+  }
+}
+
+variable "primary_region" {
+  description = "Region of the two eligible droplets and of the reserved IP (DigitalOcean assigns a reserved IP only to droplets in its own region)."
+  type        = string
+  default     = "nyc3"
+}
+
+variable "witness_region" {
+  description = "Region of the witness (votes, never leads). Must differ from primary_region, so that losing one region does not lose the majority."
+  type        = string
+  default     = "tor1"
+}
+
+variable "droplet_size" {
+  description = "Droplet size slug for all three droplets."
+  type        = string
+  default     = "s-1vcpu-1gb"
+}
+
+variable "droplet_image" {
+  description = "Droplet image slug (cloud-init installs Docker from the distribution's packages; tested against Ubuntu LTS)."
+  type        = string
+  default     = "ubuntu-24-04-x64"
+}
+
+variable "ssh_key_fingerprints" {
+  description = "Fingerprints (or ids) of SSH keys already in the DigitalOcean account, installed for root on every droplet."
+  type        = list(string)
+
+  validation {
+    condition     = length(var.ssh_key_fingerprints) > 0
+    error_message = "ssh_key_fingerprints: give at least one key; password logins are not set up."
+  }
+}
+
+variable "admin_cidr" {
+  description = "The only network allowed to reach SSH (port 22), e.g. your office's address as 203.0.113.7/32."
+  type        = string
+
+  validation {
+    condition     = can(cidrhost(var.admin_cidr, 0)) && !contains(["0.0.0.0/0", "::/0"], var.admin_cidr)
+    error_message = "admin_cidr must be a CIDR block narrower than the whole Internet."
+  }
+}
+
+variable "sidecar_image" {
+  description = "Container image reference of fip-sidecar to run (pin a version or digest, e.g. registry.example.com/fip-sidecar:0.1.0)."
+  type        = string
+}
+
+variable "web_image" {
+  description = "Container image of the web service the reserved IP fronts. It runs with host networking and must listen on web_port."
+  type        = string
+  default     = "nginxdemos/hello:plain-text"
+}
+
+variable "web_port" {
+  description = "Port the web service listens on (the firewall opens 80 and 443 to the world)."
+  type        = number
+  default     = 80
+}
+
+variable "health_path" {
+  description = "Path of the web service's health URL, probed by the sidecar on 127.0.0.1:web_port."
+  type        = string
+  default     = "/"
+}
+
+variable "election_port" {
+  description = "UDP port of election traffic; the firewall opens it only between the three droplets."
+  type        = number
+  default     = 7401
+}
+
+variable "status_port" {
+  description = "Port of the sidecar's /healthz, /status and /metrics; bound to 127.0.0.1 only."
+  type        = number
+  default     = 9401
+}
+
+variable "timing_profile" {
+  description = "Sidecar timing profile: \"lan\" (~0.7 s failover) or \"wan\" (~3.5 s, tolerates a distant, lossy witness link)."
+  type        = string
+  default     = "lan"
+
+  validation {
+    condition     = contains(["lan", "wan"], var.timing_profile)
+    error_message = "timing_profile must be \"lan\" or \"wan\"."
+  }
+}
