@@ -86,9 +86,9 @@ def render_config(cluster: Mapping[str, Any], droplets: Sequence[Mapping[str, An
     for peer_id in sorted(int(key) for key in cluster["members"]):
         if peer_id == me:
             continue
-        droplet = by_id.get(peer_id)
-        if droplet is None:
+        if peer_id not in by_id:
             raise NotReady(f"no droplet tagged as node {peer_id} yet")
+        droplet = by_id[peer_id]
         same_region = droplet["region"]["slug"] == my_region
         address = address_of(droplet, "private" if same_region else "public")
         if address is None:
