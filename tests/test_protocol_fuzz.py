@@ -37,7 +37,7 @@ KEY = bytes(range(100, 132))
 NOW = 1_800_000_000.0
 
 settings.register_profile(
-    "protocol", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    "protocol", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 PROFILE = settings.get_profile("protocol")
 
@@ -249,7 +249,7 @@ ENVELOPES: st.SearchStrategy[Envelope] = st.builds(
 
 
 @PROFILE
-@given(envelopes=st.lists(ENVELOPES, min_size=1, max_size=40))
+@given(envelopes=st.lists(ENVELOPES, min_size=1, max_size=20))
 def test_key_holder_envelopes_never_raise(envelopes: list[Envelope]) -> None:
     """Any sequence of authentic envelopes, with any field values a buggy or hostile
     member could put in them: each is accepted or counted as one drop, never raises."""
