@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,7 @@ def test_simultaneous_starts_never_elect_two_leaders(tmp_path: Path) -> None:
             assert_safe(cluster)
         finally:
             cluster.stop()
+    print(f"first leader per trial: {dict(Counter(leaders))}")  # shown with -s
     assert set(leaders) <= {1, 2}, leaders
 
 
