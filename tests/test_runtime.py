@@ -30,7 +30,9 @@ from sidecar.protocol import Codec, generate_cluster_key, parse_cluster_key
 MakeCluster = Callable[..., LocalCluster]
 
 #: Long enough that a failover by timeout is clearly distinguishable from a resign.
-SLOW_LEASE = {"heartbeat_interval": 0.1, "peer_timeout": 1.5, "lease_timeout": 2.0}
+# A long lease makes "handed over by Resign" unmistakable from "waited out the promise"
+# even on a loaded 2-core machine: a timeout hand-over would take at least 10 s.
+SLOW_LEASE = {"heartbeat_interval": 0.1, "peer_timeout": 8.0, "lease_timeout": 10.0}
 
 
 @pytest.fixture
@@ -131,7 +133,7 @@ def test_sigterm_of_the_leader_hands_over_by_resigning(make_cluster: MakeCluster
     assert cluster.events(1, "stopped"), "a clean stop logs `stopped`"
     gained = gained_after(cluster, 2, sent_at)
     # Without the resign, node 2 would have to wait out its promise to node 1: about
-    # lease_timeout (2.0 s) after node 1's last heartbeat. The resign makes it one round
+    # lease_timeout (10 s) after node 1's last heartbeat. The resign makes it one round
     # trip; half the lease is a margin of many times the expected value.
     assert gained["at_mono"] - lost["at_mono"] < SLOW_LEASE["lease_timeout"] / 2
     assert_safe(cluster)
