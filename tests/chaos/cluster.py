@@ -61,10 +61,13 @@ def wait_until(
 class EmulatorHost:
     """The API emulator on its own lab host, holding RESERVED_IP; droplets given at start."""
 
-    def __init__(self, lab: Lab, host: Host, *, action_seconds: float = 0.5) -> None:
+    def __init__(
+        self, lab: Lab, host: Host, *, action_seconds: float = 0.5, token: str = TOKEN
+    ) -> None:
         self.lab = lab
         self.host = host
         self.action_seconds = action_seconds
+        self.token = token
         self.token_path = lab.workdir / "do_token"
         self.process: Process | None = None
 
@@ -74,7 +77,7 @@ class EmulatorHost:
 
     def start(self, droplets: Mapping[int, str]) -> None:
         """`droplets`: droplet id -> region."""
-        self.token_path.write_text(TOKEN + "\n")
+        self.token_path.write_text(self.token + "\n")
         self.token_path.chmod(0o600)
         argv = [
             sys.executable, "-m", "sidecar.cli", "emulate",
@@ -125,6 +128,7 @@ class SidecarCluster:
         timing: Mapping[str, float | bool] | None = None,
         profile: str = "lan",
         action_seconds: float = 0.5,
+        token: str = TOKEN,
     ) -> None:
         self.lab = lab
         self.specs = {spec.id: spec for spec in nodes}
@@ -132,7 +136,7 @@ class SidecarCluster:
         self.profile = profile
         self.hosts: dict[int, Host] = {n: lab.add_host(f"n{n}", n) for n in self.specs}
         self.api_host = lab.add_host("api", API_HOST_INDEX)
-        self.api = EmulatorHost(lab, self.api_host, action_seconds=action_seconds)
+        self.api = EmulatorHost(lab, self.api_host, action_seconds=action_seconds, token=token)
         self.processes: dict[int, Process] = {}
         self.key_path = lab.workdir / "cluster.key"
         self.token_path = self.api.token_path
