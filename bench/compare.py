@@ -1,14 +1,14 @@
 """fip-sidecar beside keepalived (VRRP), measured in the same namespace topology, one run.
 
 Both systems move the same emulated DigitalOcean reserved IP: the sidecar through its own
-assigner, keepalived through a `notify_master` script that calls the emulator's
+assigner, keepalived through its `notify_fifo_script` that calls the emulator's
 `/v2/reserved_ips/{ip}/actions` the way the usual DigitalOcean+keepalived recipes do. Hosts
 n1 and n2 are eligible (n1 preferred), n3 is the sidecar's witness (keepalived has none),
 `api` runs the emulator; all on 198.18.0.0/24 inside namespaces made for this run.
 
 Measured for each system:
 - failover after SIGKILL of the leader/MASTER process, and after its host's link goes down:
-  fault -> the other node's leadership (keepalived: its notify script's CLOCK_MONOTONIC
+  fault -> the other node's leadership (keepalived: its fifo reader's CLOCK_MONOTONIC
   stamp; sidecar: `gained.at_mono` from its log), and fault -> the IP moved (emulator's
   `completed_monotonic`, which includes the emulator's action time, the same for both);
 - idle CPU (% of one core) and RSS per node, from /proc over `--idle-seconds`;
@@ -73,32 +73,45 @@ KEEPALIVED_PROFILES = {
     "fastest": KeepalivedProfile("fastest", 3, 0.01),
 }
 
-NOTIFY_SCRIPT = '''#!/usr/bin/python3
-"""keepalived notify: stamp the transition (CLOCK_MONOTONIC), on MASTER move the reserved IP."""
-import json, sys, time, urllib.error, urllib.request
-stamp = time.monotonic()
-state, log_path, api, droplet, token_file = sys.argv[1:6]
-with open(log_path, "a") as log:
-    log.write(f"{state} {stamp}\\n")
-if state == "MASTER":
-    token = open(token_file).read().strip()
-    body = json.dumps({"type": "assign", "droplet_id": int(droplet)}).encode()
-    for attempt in range(20):  # 422 while another action is in progress: retry, bounded
+#: keepalived's `notify_fifo_script`: keepalived starts it and writes every transition, in
+#: order, to the fifo. (Per-transition `notify_master`/`notify_backup` scripts run as separate
+#: processes and race each other when transitions are milliseconds apart, so their order and
+#: stamps cannot be trusted at advert_int 0.1 s.) MASTER moves the reserved IP the way the
+#: usual DigitalOcean keepalived recipes do: one assign call, retried while the API says 422.
+FIFO_SCRIPT = """#!/usr/bin/python3
+import json, sys, threading, time, urllib.error, urllib.request
+STATE_LOG, API, DROPLET, TOKEN_FILE, IP = {settings!r}
+
+def assign():
+    token = open(TOKEN_FILE).read().strip()
+    body = json.dumps({{"type": "assign", "droplet_id": DROPLET}}).encode()
+    for attempt in range(20):
         request = urllib.request.Request(
-            f"{api}/v2/reserved_ips/%s/actions" % "RESERVED_IP",
-            data=body,
-            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+            API + "/v2/reserved_ips/" + IP + "/actions", data=body,
+            headers={{"Authorization": "Bearer " + token, "Content-Type": "application/json"}},
         )
         try:
             urllib.request.urlopen(request, timeout=5).read()
-            break
+            return
         except urllib.error.HTTPError as error:
             if error.code != 422:
-                break
+                return
         except OSError:
             pass
         time.sleep(0.25)
-'''.replace("RESERVED_IP", RESERVED_IP)
+
+with open(sys.argv[-1]) as fifo:
+    for line in fifo:
+        stamp = time.monotonic()
+        parts = line.split()
+        if len(parts) < 3 or parts[0] != "INSTANCE":
+            continue
+        state = parts[2]
+        with open(STATE_LOG, "a") as log:
+            log.write(state + " " + repr(stamp) + "\\n")
+        if state == "MASTER":
+            threading.Thread(target=assign).start()
+"""
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -181,7 +194,6 @@ class KeepalivedPair(System):
         for node in self.eligible:
             lab.add_host(f"n{node}", node)
         self.api = EmulatorHost(lab, lab.add_host("api", API_HOST_INDEX))
-        self.script = lab.workdir / "notify.py"
         self.processes: dict[int, netns.Process] = {}
 
     def state_log(self, node: int) -> Path:
@@ -190,15 +202,22 @@ class KeepalivedPair(System):
     def vrrp_pid_file(self, node: int) -> Path:
         return self.lab.workdir / f"keepalived{node}.vrrp.pid"
 
+    def script(self, node: int) -> Path:
+        return self.lab.workdir / f"keepalived{node}-notify.py"
+
     def config_text(self, node: int) -> str:
         me, peer = self.host(node), self.host(3 - node)
-        notify = (
-            f"{self.script} {{state}} {self.state_log(node)} {self.api.url} "
-            f"{1000 + node} {self.api.token_path}"
-        )
+        settings = (
+            str(self.state_log(node)), self.api.url, 1000 + node, str(self.api.token_path),
+            RESERVED_IP,
+        )  # fmt: skip
+        self.script(node).write_text(FIFO_SCRIPT.format(settings=settings))
+        self.script(node).chmod(0o700)
         return f"""global_defs {{
     router_id n{node}
     script_user root
+    notify_fifo {self.lab.workdir / f"keepalived{node}.fifo"}
+    notify_fifo_script {self.script(node)}
     vrrp_version {self.profile.vrrp_version}
     vrrp_garp_master_delay 0
 }}
@@ -215,15 +234,10 @@ vrrp_instance fip {{
     virtual_ipaddress {{
         198.18.0.200/32 dev eth0
     }}
-    notify_master "{notify.format(state="MASTER")}"
-    notify_backup "{notify.format(state="BACKUP")}"
-    notify_fault "{notify.format(state="FAULT")}"
 }}
 """
 
     def start(self) -> None:
-        self.script.write_text(NOTIFY_SCRIPT)
-        self.script.chmod(0o700)
         self.api.start({1001: "nyc3", 1002: "nyc3"})
         for node in self.eligible:
             self._spawn(node)
@@ -367,6 +381,7 @@ class Results:
     false_ip_moves: int | None = None
     steady_seconds: float = 0.0
     failed_trials: int = 0
+    failure: str | None = None
 
 
 def wait_settled(system: System) -> int:
@@ -520,6 +535,9 @@ def print_table(all_results: dict[str, Results], baseline: str = "fip-sidecar") 
         if i == 0:
             print("  ".join("-" * w for w in widths))
     print(f"(xN = the column's p50 / {baseline}'s p50; 'p99' is the max for fewer than 100 trials)")
+    for name, result in all_results.items():
+        if result.failure is not None:
+            print(f"{name}: could not be measured: {result.failure}")
 
 
 def ensure_keepalived() -> None:
@@ -565,6 +583,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results[label] = run_system(make(lab), args)
             except netns.LabError as error:
                 print(f"[{label}] failed: {error}", file=sys.stderr, flush=True)
+                results[label] = Results(failure=str(error))
     print()
     print_table(results)
     return 0
