@@ -27,8 +27,9 @@ started=$SECONDS
 log "building $image on $base_image"
 DOCKER_BUILDKIT=0 docker build --network host \
     --build-arg "BASE_IMAGE=$base_image" \
-    --build-arg "VERSION=${version:-0.0.0}" \
-    --build-arg "REVISION=$revision" \
-    --build-arg "CREATED=$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+    --label "org.opencontainers.image.version=${version:-0.0.0}" \
+    --label "org.opencontainers.image.revision=$revision" \
+    --label "org.opencontainers.image.created=$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+    --label "org.opencontainers.image.base.name=$base_image" \
     -f "$root/docker/Dockerfile" -t "$image" "$root" </dev/null
 log "built $image in $((SECONDS - started))s ($(docker image inspect --format '{{.Size}}' "$image") bytes)"

@@ -26,6 +26,18 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
+engine_answers() { timeout 10 docker info >/dev/null 2>&1; }
+
+packages_present() {
+    command -v dockerd >/dev/null 2>&1 && command -v docker-compose >/dev/null 2>&1 &&
+        command -v debootstrap >/dev/null 2>&1
+}
+
+# Fast path: nothing to do, no lock needed.
+if packages_present && engine_answers; then
+    exit 0
+fi
+
 # Serialise concurrent callers (several test sessions may start at once).
 exec 9>"$lock_file"
 if ! flock -w "$wait_seconds" 9; then
@@ -71,8 +83,6 @@ install_packages() {
     fi
 }
 
-engine_answers() { timeout 10 docker info >/dev/null 2>&1; }
-
 dockerd_running() {
     local pid
     [ -s /var/run/docker.pid ] || return 1
@@ -93,7 +103,7 @@ start_engine() {
     setsid dockerd --storage-driver=vfs --iptables=false \
         --bip=198.19.255.1/24 \
         --default-address-pool base=198.19.0.0/17,size=24 \
-        </dev/null >>"$dockerd_log" 2>&1 &
+        </dev/null >>"$dockerd_log" 2>&1 9>&- &
 }
 
 wait_for_engine() {
