@@ -105,8 +105,9 @@ class AssignerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True,
     - `action_timeout`: give up following one action after this long, re-read and retry.
     - `backoff_base_delay`, `backoff_max_delay`: network errors and 5xx wait a uniformly
       random time in [0, min(max, base * 2**(failures - 1))] ("full jitter").
-    - `unprocessable_delay`: after a 422 or while the IP is locked by an action, wait a
-      random time in [d, 1.5 d] before re-reading.
+    - `unprocessable_delay`: after a 422, wait a random time in [d, 1.5 d] before
+      re-reading (while the IP is locked by an action, it is re-read every
+      `action_poll_interval`).
     - `config_error_retry_interval`: after 401/403/404 (a config problem), retry this slowly.
     - `rate_limit_max_delay`: the longest wait a 429's headers can impose.
     - `cooloff_interval`: the least time between the starts of two assignments (the first
@@ -356,7 +357,9 @@ class Assigner:
                     "reserved IP is locked by an action in progress; waiting",
                     extra={**self._log_fields, "holder": holder.droplet_id},
                 )
-                await trio.sleep(self._unprocessable_delay())
+                # Poll as often as we follow our own actions: the lock may clear any moment,
+                # and every second waited here is a second of outage after a failover.
+                await trio.sleep(self._settings.action_poll_interval)
                 continue
             if last_assign_started is not None:
                 wait = last_assign_started + self._settings.cooloff_interval - trio.current_time()
@@ -372,7 +375,7 @@ class Assigner:
                 )
                 await trio.sleep(self._settings.action_poll_interval)
                 continue
-            last_assign_started = trio.current_time()
+            attempt_started = trio.current_time()
             logger.info(
                 "assigning the reserved IP to this droplet",
                 extra={**self._log_fields, "holder": holder.droplet_id},
@@ -380,7 +383,12 @@ class Assigner:
             try:
                 await self._assign_and_follow()
             except ProviderError as exc:
+                # The POST was refused or lost: no action of ours is known to exist, so
+                # no cool-off. If one did start (a lost answer), the next read shows the
+                # IP locked or already here, and neither path POSTs again.
                 await trio.sleep(self._delay_after(exc))
+            else:
+                last_assign_started = attempt_started
 
     async def _read_holder(self) -> ReservedIP:
         await self._budget.acquire()

@@ -349,10 +349,74 @@ async def test_unprocessable_waits_and_retries(autojump_clock: trio.testing.Mock
     for refusal in refused_at:
         next_request = min(t for t, _, _ in fake.requests if t > refusal)
         assert 2.0 <= next_request - refusal <= 3.0
+    # A refused POST started no action, so the retry waits out the 422 delay, not the
+    # cool-off (which only spaces out assignments that really began).
     post_times = [t for t, method, _ in fake.requests if method == "POST"]
-    assert all(b - a >= 5.0 for a, b in itertools.pairwise(post_times))  # cool-off
+    assert len(post_times) == 3
+    assert all(2.0 <= b - a < 5.0 for a, b in itertools.pairwise(post_times))
     assert fake.holder == ME
     assert assigner.snapshot().last_error is not None
+
+
+async def test_a_refused_first_post_is_retried_without_the_cooloff(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A 503 on the POST started no action: waiting out the 5 s cool-off would only
+    lengthen the outage after a failover."""
+    fake, leadership = FakeDO(holder=OTHER), FakeLeadership()
+    refused = False
+
+    async def once_unavailable(request: httpx.Request) -> httpx.Response | None:
+        nonlocal refused
+        if request.method == "POST" and not refused:
+            refused = True
+            return error(503, "service_unavailable", "try again")
+        return None
+
+    fake.override = once_unavailable
+    async with trio.open_nursery() as nursery:
+        start(nursery, fake, leadership)
+        t0 = trio.current_time()
+        leadership.gain()
+        await trio.sleep(30)
+        nursery.cancel_scope.cancel()
+    assert refused and fake.holder == ME
+    assert len(fake.posts) == 1
+    assert fake.posts[0][0] - t0 < AssignerSettings().cooloff_interval
+
+
+async def test_a_locked_ip_is_reread_every_poll_interval(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Another node's action in flight: re-read at the action poll rate, then assign."""
+    fake, leadership = FakeDO(holder=OTHER, action_seconds=4.5), FakeLeadership()
+    fake.holder = None
+    async with trio.open_nursery() as nursery:
+        other_leadership = FakeLeadership()
+        other = Assigner(  # a previous leader whose action is still running
+            DigitalOceanClient(CLIENT_SETTINGS, TOKEN, transport=httpx.MockTransport(fake.handler)),
+            IP,
+            OTHER,
+            other_leadership,
+            AssignerSettings(),
+            random.Random(1),
+        )
+        nursery.start_soon(other.run)
+        other_leadership.gain()
+        await trio.sleep(0.5)  # its POST is in, the IP is locked for 4.5 s
+        other_leadership.lose()
+        start(nursery, fake, leadership)
+        leadership.gain()
+        await trio.sleep(30)
+        nursery.cancel_scope.cancel()
+    assert [droplet for _, droplet in fake.posts] == [OTHER, ME]
+    unlocked_at = fake.posts[0][0] + 4.5
+    poll = AssignerSettings().action_poll_interval
+    while_locked = [t for t in fake.reads() if fake.posts[0][0] < t <= fake.posts[1][0]]
+    assert len(while_locked) >= 4
+    assert all(b - a <= poll + 0.01 for a, b in itertools.pairwise(while_locked))
+    assert fake.posts[1][0] - unlocked_at <= poll + 0.01
+    assert fake.holder == ME
 
 
 async def test_rate_limit_waits_for_retry_after(autojump_clock: trio.testing.MockClock) -> None:
