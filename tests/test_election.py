@@ -12,6 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from sidecar.election import (
     Election,
@@ -426,3 +429,136 @@ def test_votes_too_late_to_leave_a_lease_make_no_leader() -> None:
     ready = h.take(1, candidate.step(src, first, h.now))
     assert not any(isinstance(e, GainedLeadership) for e in ready.events)
     assert candidate.role_at(h.now) is Role.CANDIDATE
+
+
+# ---------------------------------------------------------------------------- properties
+
+terms = st.integers(0, 6)
+seqs = st.integers(0, 80)
+node_ids = st.sampled_from((1, 2, 3))
+messages = st.one_of(
+    st.builds(
+        Heartbeat,
+        term=terms,
+        seq=seqs,
+        leader_id=st.none() | node_ids,
+        leading=st.booleans(),
+        eligible=st.booleans(),
+        healthy=st.booleans(),
+        viable=st.booleans(),
+        ready_to_preempt=st.booleans(),
+    ),
+    st.builds(Ack, term=terms, seq=seqs, promised=st.booleans()),
+    st.builds(VoteRequest, term=terms, seq=seqs),
+    st.builds(VoteResponse, term=terms, seq=seqs, granted=st.booleans(), reason=st.just("x")),
+    st.builds(Resign, term=terms, reason=st.just("x")),
+)
+inputs = st.one_of(
+    st.tuples(st.just("step"), node_ids, messages),
+    st.tuples(st.just("tick"), st.none(), st.none()),
+    st.tuples(st.just("health"), st.none(), st.booleans()),
+    st.tuples(st.just("resign"), st.none(), st.none()),
+    st.tuples(st.just("shutdown"), st.none(), st.none()),
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    me=node_ids,
+    witness=st.booleans(),
+    script=st.lists(st.tuples(inputs, st.floats(0.0, 0.4)), max_size=80),
+)
+def test_any_input_sequence_is_handled_and_keeps_the_core_consistent(
+    me: int, witness: bool, script: list[tuple[tuple[str, int | None, object], float]]
+) -> None:
+    """Arbitrary (even dishonest) messages never raise, never make a witness lead, and
+    never leave a lease that is already over or a deadline that is not in the future."""
+    members = [Member(i, eligible=not (witness and i == me)) for i in (1, 2, 3)]
+    node = Election(me, members, LAN, 0.0, random.Random(0))
+    now = 0.0
+    for (kind, sender, payload), dt in script:
+        now += dt
+        if kind == "step" and sender != me:
+            assert isinstance(payload, Heartbeat | Ack | VoteRequest | VoteResponse | Resign)
+            ready = node.step(sender or 1, payload, now)
+        elif kind == "health":
+            ready = node.set_healthy(bool(payload), now)
+        elif kind == "resign":
+            ready = node.resign(now, "test")
+        elif kind == "shutdown":
+            ready = node.shutdown(now)
+        else:
+            ready = node.tick(now)
+        assert all(o.to != me for o in ready.sends)
+        for event in ready.events:
+            if isinstance(event, GainedLeadership):
+                assert event.lease_until > event.at
+        if node.role_at(now) is Role.LEADER:
+            assert node.eligible and not node.stopping
+            lease = node.lease_until()
+            assert lease is not None and lease > now
+        assert now < node.next_deadline(now) <= now + LAN.heartbeat_interval + 1e-9
+        node.view(now)
+
+
+@settings(max_examples=60, deadline=None, stateful_step_count=100)
+class AdversarialNetwork(RuleBasedStateMachine):
+    """Three cores on one clock; Hypothesis delivers, duplicates, reorders and drops every
+    packet and moves time as it likes. Safety rests on clocks alone, so no schedule may
+    ever produce two leases that overlap in time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        members = [Member(1), Member(2), Member(3, eligible=False)]
+        self.now = 0.0
+        self.nodes = {i: Election(i, members, LAN, 0.0, random.Random(i)) for i in (1, 2, 3)}
+        self.in_flight: list[tuple[int, int, Message]] = []
+        self.lease_end = {i: float("-inf") for i in self.nodes}
+
+    def _absorb(self, node_id: int, ready: Ready) -> None:
+        self.in_flight += [(node_id, o.to, o.msg) for o in ready.sends]
+        self.in_flight = self.in_flight[-60:]  # bound the state; older packets count as lost
+        node = self.nodes[node_id]
+        if node.role_at(self.now) is Role.LEADER:
+            lease = node.lease_until()
+            assert lease is not None
+            for other, end in self.lease_end.items():
+                assert other == node_id or end <= self.now, "two leases overlap"
+            self.lease_end[node_id] = max(self.lease_end[node_id], lease)
+        else:
+            self.lease_end[node_id] = min(self.lease_end[node_id], self.now)
+
+    @rule(node_id=node_ids, dt=st.floats(0.0, 0.7))
+    def tick(self, node_id: int, dt: float) -> None:
+        self.now += dt
+        self._absorb(node_id, self.nodes[node_id].tick(self.now))
+
+    @precondition(lambda self: bool(self.in_flight))
+    @rule(pick=st.integers(0, 59), keep=st.booleans())
+    def deliver(self, pick: int, keep: bool) -> None:
+        src, dst, msg = self.in_flight[pick % len(self.in_flight)]
+        if not keep:  # keep=True leaves a copy in flight: a duplicate, deliverable later
+            self.in_flight.remove((src, dst, msg))
+        self._absorb(dst, self.nodes[dst].step(src, msg, self.now))
+
+    @rule(node_id=node_ids)
+    def restart(self, node_id: int) -> None:
+        members = [Member(1), Member(2), Member(3, eligible=False)]
+        self.nodes[node_id] = Election(node_id, members, LAN, self.now, random.Random(node_id))
+
+    @rule(node_id=node_ids, healthy=st.booleans())
+    def health(self, node_id: int, healthy: bool) -> None:
+        self._absorb(node_id, self.nodes[node_id].set_healthy(healthy, self.now))
+
+    @rule(node_id=node_ids)
+    def resign(self, node_id: int) -> None:
+        self._absorb(node_id, self.nodes[node_id].resign(self.now, "test"))
+
+    @invariant()
+    def at_most_one_leader(self) -> None:
+        leading = [i for i, n in self.nodes.items() if n.role_at(self.now) is Role.LEADER]
+        assert len(leading) <= 1
+        assert 3 not in leading
+
+
+test_adversarial_network_never_yields_two_leases = AdversarialNetwork.TestCase

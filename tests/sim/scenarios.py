@@ -79,7 +79,7 @@ def recovery_bound(timing: Timing, *, preemption: bool = True) -> float:
 def random_timing(rng: random.Random) -> Timing:
     """Any timing the core accepts (problems() == []), with a short preempt_delay."""
     for _ in range(1000):
-        heartbeat = rng.uniform(0.02, 0.3)
+        heartbeat = rng.uniform(0.05, 0.3)
         peer_timeout = heartbeat * rng.uniform(2.0, 6.0)
         timing = Timing(
             heartbeat_interval=heartbeat,
