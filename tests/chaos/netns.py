@@ -465,7 +465,22 @@ class Lab:
         return run(["ip", "netns", "exec", self.switch_ns, "nft", *args])
 
     # ------------------------------------------------------------------ talking to hosts
-    def http_get_json(self, host: Host, port: int, path: str, timeout: float = 2.0) -> Any:
+    def open_socket(
+        self,
+        host: Host,
+        family: int = socket.AF_INET,
+        kind: int = socket.SOCK_DGRAM,
+        proto: int = 0,
+    ) -> socket.socket:
+        """A socket living in the host's namespace (a probe, a sniffer, an attacker).
+
+        A socket stays in the namespace it was created in, so the test process can use it
+        from any thread afterwards without touching the root namespace.
+        """
+        with _in_namespace(host.ns):
+            return socket.socket(family, kind, proto)
+
+    def http_get_text(self, host: Host, port: int, path: str, timeout: float = 2.0) -> str:
         """GET http://<host address>:<port><path> from inside the host's own namespace."""
         conn = _NamespacedHTTPConnection(host.ns, host.address, port, timeout)
         try:
@@ -476,7 +491,11 @@ class Lab:
             conn.close()
         if response.status != 200:
             raise LabError(f"GET {host.name}:{port}{path}: HTTP {response.status}")
-        return json.loads(body)
+        return body.decode()
+
+    def http_get_json(self, host: Host, port: int, path: str, timeout: float = 2.0) -> Any:
+        """GET http://<host address>:<port><path> (JSON) from inside the host's namespace."""
+        return json.loads(self.http_get_text(host, port, path, timeout))
 
     def http_post_json(
         self, host: Host, port: int, path: str, payload: Any, timeout: float = 2.0
