@@ -43,14 +43,17 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+import yaml
 
+from sidecar.config import Config, load
 from sidecar.localcluster import Event, leadership_intervals, overlaps
+from sidecar.protocol import generate_cluster_key, parse_cluster_key
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_DIR = ROOT / "compose"
 COMPOSE_FILE = COMPOSE_DIR / "compose.yaml"
 IMAGE = "fip-sidecar:local"
-SUBNET = ipaddress.ip_network("198.18.10.0/24")
+SUBNET = ipaddress.IPv4Network("198.18.10.0/24")
 #: What docker/Dockerfile copies into the image: a newer file here means a stale image.
 BUILD_CONTEXT = (
     "pyproject.toml",
@@ -356,6 +359,165 @@ def cluster(image: str, tmp_path: Path) -> Iterator[ComposeCluster]:
         started = time.monotonic()
         cluster.down()
         print(f"down: {time.monotonic() - started:.1f} s")
+
+
+# --------------------------------------------------------------------------- static checks
+# These need no engine: they read the files a user runs and check that they agree.
+
+
+def compose_spec() -> dict[str, Any]:
+    spec = yaml.safe_load(COMPOSE_FILE.read_text())
+    assert isinstance(spec, dict)
+    return spec
+
+
+def node_config(node: int) -> Config:
+    """compose/nodeN.toml as the sidecar loads it (the key comes from the environment here,
+    as the file at /run/secrets/cluster_key exists only in the container)."""
+    key = generate_cluster_key()
+    return load(COMPOSE_DIR / f"node{node}.toml", env={"FIP_SIDECAR_CLUSTER_KEY": key})
+
+
+def emulator_flags(spec: dict[str, Any], flag: str) -> list[str]:
+    prefix = f"--{flag}="
+    return [
+        a[len(prefix) :] for a in spec["services"]["emulator"]["command"] if a.startswith(prefix)
+    ]
+
+
+def test_compose_file_is_in_compose_specification_form() -> None:
+    spec = compose_spec()
+    # docker-compose 1.29 rejects a top-level `name`; `version` is obsolete in the spec.
+    assert set(spec) <= {"services", "networks", "secrets", "volumes"} | {
+        k for k in spec if k.startswith("x-")
+    }
+    assert "$" not in json.dumps(spec).replace("${", "")  # only ${VAR:-default} interpolation
+
+
+def test_each_droplet_is_a_web_container_and_a_sidecar_in_its_namespace() -> None:
+    services = compose_spec()["services"]
+    subnet = ipaddress.IPv4Network(compose_spec()["networks"]["fip"]["ipam"]["config"][0]["subnet"])
+    assert subnet == SUBNET and subnet.subnet_of(ipaddress.IPv4Network("198.18.0.0/15"))
+    for node in (1, 2, 3):
+        web, sidecar = services[f"web{node}"], services[f"sidecar{node}"]
+        address = ipaddress.ip_address(web["networks"]["fip"]["ipv4_address"])
+        assert address in subnet
+        assert sidecar["network_mode"] == f"service:web{node}"
+        assert "ports" not in sidecar and "ports" not in web  # status stays in the namespace
+        config = node_config(node)
+        assert str(config.bind) == f"{address}:7401"
+        assert config.status_listen.host == "127.0.0.1"
+        assert f"./node{node}.toml:/etc/fip-sidecar/config.toml:ro" in sidecar["volumes"]
+
+
+def test_node_configs_agree_on_membership_and_the_witness() -> None:
+    configs = {node: node_config(node) for node in (1, 2, 3)}
+    for node, config in configs.items():
+        assert config.eligible is (node != 3)
+        for peer in config.peers:
+            assert str(config.peer_addresses[peer.id]) == str(configs[peer.id].bind)
+            assert peer.eligible is configs[peer.id].eligible
+    assert configs[3].floating_ip is None  # the witness never calls the API ...
+    assert (
+        "do_token" not in compose_spec()["services"]["sidecar3"]["secrets"]
+    )  # ... nor holds a token
+
+
+def test_sidecars_reach_the_emulator_over_https_with_the_private_ca() -> None:
+    spec = compose_spec()
+    ips = dict(spec_ip.split("=") for spec_ip in emulator_flags(spec, "reserved-ip"))
+    droplets = {int(d.split("=")[0]): d.split("=", 2)[1:] for d in emulator_flags(spec, "droplet")}
+    for node in (1, 2):
+        config = node_config(node)
+        assert config.digitalocean.api_url == "https://emulator:8443"
+        assert config.digitalocean.ca_file == "/run/secrets/emulator_ca"
+        assert not config.digitalocean.allow_insecure_http
+        assert config.floating_ip is not None
+        assert config.floating_ip.droplet_id == DROPLET[node]
+        assert config.health.http == "http://127.0.0.1:8080/healthz"
+        assert ips[config.floating_ip.address] == droplets[DROPLET[node]][0]  # same region
+        web_ip = spec["services"][f"web{node}"]["networks"]["fip"]["ipv4_address"]
+        assert droplets[DROPLET[node]][1] == f"http://{web_ip}:8080"
+    assert droplets[DROPLET[3]][0] not in ips.values()  # the witness is in another region
+    assert emulator_flags(spec, "tls-cert") and emulator_flags(spec, "tls-key")
+
+
+def test_only_the_edge_and_the_api_are_published_and_only_on_loopback() -> None:
+    services = compose_spec()["services"]
+    published = {name: s.get("ports", []) for name, s in services.items() if s.get("ports")}
+    assert list(published) == ["emulator"]
+    assert all(port.startswith("127.0.0.1:") for port in published["emulator"])
+
+
+def test_secrets_are_files_outside_the_compose_file_and_git_ignored() -> None:
+    spec = compose_spec()
+    for name, secret in spec["secrets"].items():
+        assert set(secret) == {"file"}, name
+        assert secret["file"] == "${FIP_SECRETS_DIR:-./secrets}/" + name
+    assert "/secrets/" in (COMPOSE_DIR / ".gitignore").read_text().split()
+    ignored = run(["git", "-C", str(ROOT), "check-ignore", "-q", "compose/secrets/do_token"])
+    assert ignored.returncode == 0
+
+
+def test_docker_compose_accepts_the_file(tmp_path: Path) -> None:
+    if not shutil.which("docker-compose"):
+        pytest.skip("docker-compose is not installed (docker/ensure-docker.sh installs it)")
+    env = {**os.environ, "FIP_SECRETS_DIR": str(tmp_path)}
+    checked = run(["docker-compose", "--file", str(COMPOSE_FILE), "config", "--quiet"], env=env)
+    assert checked.returncode == 0, checked.stderr
+
+
+def tls_handshake(secrets_dir: Path, server_name: str) -> None:
+    """A real TLS handshake in memory: the emulator's certificate and key on one side, the
+    sidecar's way of trusting the CA (`ssl.create_default_context(cafile=...)`) on the other."""
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(secrets_dir / "emulator_cert", secrets_dir / "emulator_key")
+    client_context = ssl.create_default_context(cafile=str(secrets_dir / "emulator_ca"))
+    pipes = [ssl.MemoryBIO() for _ in range(4)]
+    client = client_context.wrap_bio(pipes[0], pipes[1], server_hostname=server_name)
+    server = server_context.wrap_bio(pipes[2], pipes[3], server_side=True)
+    done = {"client": False, "server": False}
+    for _ in range(10):
+        for name, end in (("client", client), ("server", server)):
+            if not done[name]:
+                try:
+                    end.do_handshake()
+                    done[name] = True
+                except ssl.SSLWantReadError:
+                    pass
+        pipes[2].write(pipes[1].read())  # client -> server
+        pipes[0].write(pipes[3].read())  # server -> client
+        if all(done.values()):
+            return
+    raise AssertionError("TLS handshake did not finish")
+
+
+def test_make_secrets_makes_what_the_containers_read(tmp_path: Path) -> None:
+    secrets_dir = tmp_path / "secrets"
+    made = run(["bash", str(COMPOSE_DIR / "make-secrets.sh"), str(secrets_dir)])
+    assert made.returncode == 0, made.stderr
+    assert sorted(p.name for p in secrets_dir.iterdir()) == sorted(compose_spec()["secrets"])
+    assert secrets_dir.stat().st_mode & 0o777 == 0o700
+    for path in secrets_dir.iterdir():
+        mode = path.stat().st_mode & 0o777
+        if os.geteuid() == 0:
+            assert (path.stat().st_uid, mode) == (10001, 0o400), path.name
+        else:
+            assert mode == 0o444, path.name
+    assert len(parse_cluster_key((secrets_dir / "cluster_key").read_text())) == 32
+    token = (secrets_dir / "do_token").read_text().strip()
+    assert token.startswith("dop_v1_") and len(token) == 71
+    for name in ("emulator", "198.18.10.2", "127.0.0.1", "localhost"):
+        tls_handshake(secrets_dir, name)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        tls_handshake(secrets_dir, "api.digitalocean.com")
+
+    # Idempotent: a complete set is kept; --force makes a new one.
+    again = run(["bash", str(COMPOSE_DIR / "make-secrets.sh"), str(secrets_dir)])
+    assert again.returncode == 0 and (secrets_dir / "do_token").read_text().strip() == token
+    forced = run(["bash", str(COMPOSE_DIR / "make-secrets.sh"), "--force", str(secrets_dir)])
+    assert forced.returncode == 0 and (secrets_dir / "do_token").read_text().strip() != token
+    assert sorted(p.name for p in secrets_dir.iterdir()) == sorted(compose_spec()["secrets"])
 
 
 # --------------------------------------------------------------------------- the test
