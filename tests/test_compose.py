@@ -207,23 +207,30 @@ class ComposeCluster:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     def down(self) -> None:
-        """Remove containers, volumes and the network; report anything left behind."""
+        """Remove containers, volumes and the network, by force if compose could not;
+        then fail if anything was left behind."""
         self.edge.close()
         self.api.close()
-        result = self.run_compose(
-            "down", "--volumes", "--remove-orphans", "--timeout", "10", timeout=600
-        )
+        problem = ""
+        try:
+            result = self.run_compose(
+                "down", "--volumes", "--remove-orphans", "--timeout", "10", timeout=600
+            )
+            if result.returncode != 0:
+                problem = f"compose down failed: {result.stderr[-2000:]}"
+        except subprocess.TimeoutExpired:
+            problem = "compose down timed out"
+        label = f"label=com.docker.compose.project={self.project}"
+        leftovers = docker("ps", "--all", "--quiet", "--filter", label).stdout.split()
+        for container in leftovers:
+            docker("rm", "--force", "--volumes", container)
         network = f"{self.project}_fip"
         if docker("network", "inspect", network).returncode == 0:
             docker("network", "rm", network)
-        leftovers = docker(
-            "ps", "--all", "--quiet", "--filter", f"label=com.docker.compose.project={self.project}"
-        ).stdout.split()
-        for container in leftovers:
-            docker("rm", "--force", "--volumes", container)
-        assert result.returncode == 0, result.stderr[-2000:]
+            problem = problem or f"{network} was left behind"
+        assert not problem, problem
         assert not leftovers, f"containers left after down: {leftovers}"
-        assert docker("network", "inspect", network).returncode != 0, f"{network} left behind"
+        assert docker("network", "inspect", network).returncode != 0, f"cannot remove {network}"
 
     def container(self, service: str) -> str:
         if service not in self._ids:
@@ -581,6 +588,8 @@ def walk_through(cluster: ComposeCluster) -> None:
     assert "now passes" in cluster.web_post("web1", "/recover")
     cluster.wait_for_status("sidecar1", is_healthy_follower_of(2), "healthy follower of 2", 60)
     restarts_before = int(cluster.inspect("sidecar2", "{{.RestartCount}}"))
+    holder = cluster.history()[-1]["droplet_id"]
+    assert holder == DROPLET[2], "node 1 pre-empted node 2 before the crash could be staged"
     pid = int(cluster.inspect("sidecar2", "{{.State.Pid}}"))
     assert pid > 0
     fault_at = time.monotonic()
