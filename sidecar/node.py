@@ -37,6 +37,7 @@ from sidecar.election import (
 )
 from sidecar.messages import Ack, Message
 from sidecar.protocol import MAX_PACKET_SIZE, Codec, MessageTooLarge
+from sidecar.transport import ElectionSockets
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +105,7 @@ class Node:
         self._lead_scope: trio.CancelScope | None = None
         self._leadership_changed = trio.Event()
         self._healthy_initially = True
-        self._sock: socket.socket | None = None
-        self._addresses: dict[int, tuple[str, int]] = {}
+        self._sockets: ElectionSockets | None = None
         self._stopped = trio.Event()
         #: Called with (peer id, seconds) for every acknowledged heartbeat, e.g. by metrics.
         self.rtt_observer: Callable[[int, float], None] | None = None
@@ -176,11 +176,12 @@ class Node:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Bind, start the election, and run until `request_shutdown()`."""
-        self._sock = self._open_socket(self.config.bind)
-        self._addresses = {
+        addresses = {
             peer_id: await self._resolve(address)
             for peer_id, address in self.config.peer_addresses.items()
         }
+        bind = self.config.bind
+        self._sockets = sockets = ElectionSockets.open((bind.host, bind.port), addresses)
         self._election = Election(
             self.config.node_id,
             self.config.members,
@@ -202,46 +203,33 @@ class Node:
         )
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._receive)
+                for sock in sockets.readable():
+                    nursery.start_soon(self._receive, sock)
                 nursery.start_soon(self._drive)
                 task_status.started()
                 await self._stopped.wait()
                 nursery.cancel_scope.cancel()
         finally:
-            self._sock.close()
+            sockets.close()
             if self._lead_scope is not None:
                 self._lead_scope.cancel()
             for subscriber in self._subscribers:
                 subscriber.close()
             log.info("node stopped", extra={"event": "stopped"})
 
-    @staticmethod
-    def _open_socket(address: Address) -> socket.socket:
-        """A plain non-blocking UDP socket: Trio only tells us when it is readable.
-
-        Sends go out synchronously from the owning task (a UDP send never waits for the
-        peer; a full buffer is a dropped heartbeat, which the protocol tolerates), and
-        reads drain everything queued per wake-up. This halves the scheduling work per
-        packet compared with Trio's awaitable socket methods, which matters for idle CPU.
-        """
-        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            sock.setblocking(False)
-            sock.bind((address.host, address.port))
-        except OSError:
-            sock.close()
-            raise
-        return sock
-
     async def _resolve(self, address: Address) -> tuple[str, int]:
         infos = await trio.socket.getaddrinfo(address.host, address.port, type=socket.SOCK_DGRAM)
         host, port = infos[0][4][:2]
         return str(host), int(port)
 
-    async def _receive(self) -> None:
-        sock = self._sock
-        assert sock is not None
+    async def _receive(self, sock: socket.socket) -> None:
+        """Drain `sock` in batches, decode, and hand what authenticates to the core.
+
+        Sends go out synchronously from the core's task (a UDP send never waits for the
+        peer; a full buffer is a lost heartbeat, which the protocol tolerates) and reads
+        drain up to a batch per wake-up: half the scheduling work per packet of Trio's
+        awaitable socket methods, which is most of a node's idle CPU.
+        """
         while True:
             await trio.lowlevel.wait_readable(sock)
             batch: list[tuple[int, Message]] = []
@@ -304,7 +292,7 @@ class Node:
     def _apply(self, ready: Ready) -> None:
         for event in ready.events:
             self._publish(event)
-        assert self._sock is not None
+        assert self._sockets is not None
         wall = time.time()
         for out in ready.sends:
             try:
@@ -313,7 +301,7 @@ class Node:
                 log.error("message too large to send", extra={"to": out.to})
                 continue
             try:
-                self._sock.sendto(data, self._addresses[out.to])
+                self._sockets.send(out.to, data)
                 self.counters.packets_sent += 1
             except OSError as exc:
                 # A full buffer, a firewall, a missing route or a peer's ICMP "port

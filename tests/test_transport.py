@@ -1,0 +1,67 @@
+"""Per-peer connected sockets keep a peer's packets apart from a stranger's flood."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from sidecar.transport import ElectionSockets
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[ElectionSockets, ElectionSockets]]:
+    a_port, b_port = free_udp_port(), free_udp_port()
+    a = ElectionSockets.open(("127.0.0.1", a_port), {2: ("127.0.0.1", b_port)})
+    b = ElectionSockets.open(("127.0.0.1", b_port), {1: ("127.0.0.1", a_port)})
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
+def receive(sock: socket.socket) -> bytes | None:
+    try:
+        return sock.recv(2048)
+    except BlockingIOError:
+        return None
+
+
+def test_a_peer_lands_on_its_own_socket_and_a_stranger_on_the_catch_all(
+    pair: tuple[ElectionSockets, ElectionSockets],
+) -> None:
+    a, b = pair
+    b.send(1, b"from b")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger:
+        stranger.sendto(b"from a stranger", a.catch_all.getsockname())
+        a.peers[2].settimeout(5)
+        a.catch_all.settimeout(5)
+        assert a.peers[2].recv(2048) == b"from b"
+        assert a.catch_all.recv(2048) == b"from a stranger"
+
+
+def test_a_flooded_catch_all_buffer_does_not_drop_a_peers_packets(
+    pair: tuple[ElectionSockets, ElectionSockets],
+) -> None:
+    a, b = pair
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger:
+        stranger.setblocking(False)
+        for _ in range(20_000):  # far more than a default receive buffer holds
+            try:
+                stranger.sendto(b"x" * 400, a.catch_all.getsockname())
+            except BlockingIOError:
+                break
+    for n in range(50):
+        b.send(1, f"heartbeat {n}".encode())
+    a.peers[2].settimeout(5)
+    got = [a.peers[2].recv(2048) for _ in range(50)]
+    assert got == [f"heartbeat {n}".encode() for n in range(50)]
+    assert receive(a.catch_all) == b"x" * 400  # the flood is there, in its own buffer
