@@ -42,6 +42,7 @@ PROFILES: dict[str, Timing] = {
         election_round=0.3,
         preempt=True,
         preempt_delay=30.0,
+        startup_grace=1.5,
     ),
     # For members spread over regions with lossy, slow links: ~3.5 s failover, far fewer packets.
     "wan": Timing(
@@ -53,6 +54,7 @@ PROFILES: dict[str, Timing] = {
         election_round=1.5,
         preempt=True,
         preempt_delay=60.0,
+        startup_grace=6.0,
     ),
 }
 
@@ -78,6 +80,7 @@ class TimingOverrides(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, 
     election_round: float | None = None
     preempt: bool | None = None
     preempt_delay: float | None = None
+    startup_grace: float | None = None
 
 
 class FloatingIpSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):

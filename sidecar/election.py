@@ -70,6 +70,10 @@ class Timing:
     election_round: float = 0.3
     preempt: bool = True
     preempt_delay: float = 30.0
+    #: After start, wait this long for never-heard lower-id eligible peers before standing,
+    #: so the node that happens to boot first does not win a cold start only to be
+    #: pre-empted (a second IP move) preempt_delay later.
+    startup_grace: float = 1.5
 
     def problems(self) -> list[str]:
         """Every way these timings break the protocol's assumptions, as messages naming keys."""
@@ -87,6 +91,8 @@ class Timing:
             found.append("max_drift must be in [0, 0.5)")
         if self.preempt_delay < 0:
             found.append("preempt_delay must be >= 0")
+        if self.startup_grace < 0:
+            found.append("startup_grace must be >= 0")
         if self.peer_timeout < 2 * self.heartbeat_interval:
             found.append("peer_timeout must be at least 2 x heartbeat_interval")
         if self.lease_timeout * (1 - self.max_drift) <= self.heartbeat_interval:
@@ -156,6 +162,7 @@ class PeerState:
     healthy: bool = False
     viable: bool = False
     ready_to_preempt: bool = False
+    starting: bool = False
     rtt: float | None = None
 
     def alive(self, now: float, peer_timeout: float) -> bool:
@@ -232,6 +239,7 @@ class Election:
         self.role = Role.FOLLOWER
         # No vote for one lease after start: this replaces a persisted vote.
         self.quiet_until = now + timing.lease_timeout
+        self.grace_until = now + timing.startup_grace
         self._voted_term = -1
         self._voted_for: int | None = None
         self._promise_to: int | None = None
@@ -251,6 +259,7 @@ class Election:
         self._viable_since: float | None = None
         self._announced_leader: int | None = None
         self._announced_viable = False
+        self._announced_starting = False
 
     # ------------------------------------------------------------------ public inputs
 
@@ -341,7 +350,7 @@ class Election:
             candidates.append(self._lease_until)
         if self.role is Role.CANDIDATE:
             candidates += [self._next_vote_send, self._round_until]
-        candidates += [self._promise_until, self._follow_until, self.quiet_until]
+        candidates += [self._promise_until, self._follow_until, self.quiet_until, self.grace_until]
         for peer in self.peers.values():
             if peer.last_heard is not None:
                 candidates.append(peer.last_heard + t.peer_timeout)
@@ -392,6 +401,7 @@ class Election:
         # A witness cannot make itself a candidate by saying so: config decides eligibility.
         peer.viable = msg.viable and peer.eligible
         peer.ready_to_preempt = msg.ready_to_preempt and peer.viable
+        peer.starting = msg.starting and peer.eligible
         promised = msg.leading and self._accept_leader(peer.id, now)
         if promised:
             self._promise(peer.id, msg.term, now)
@@ -520,11 +530,17 @@ class Election:
             self._send_vote_requests(now, ready)
 
         leader = self.leader_at(now)
-        changed = leader != self._announced_leader or viable != self._announced_viable
+        starting = self._starting(now)
+        changed = (
+            leader != self._announced_leader
+            or viable != self._announced_viable
+            or starting != self._announced_starting
+        )
         if leader != self._announced_leader:
             ready.events.append(LeaderChanged(self.term, now, self._announced_leader, leader))
             self._announced_leader = leader
         self._announced_viable = viable
+        self._announced_starting = starting
         # Tell peers at once when what we report changes: it saves them a heartbeat
         # interval when a leader is lost or a node becomes able to stand.
         if changed or now >= self._next_heartbeat:
@@ -543,6 +559,13 @@ class Election:
         if now < self._promise_until:
             return False
         for peer in self.peers.values():
+            if peer.eligible and peer.id < self.node_id:
+                # A lower id that may just be booting more slowly than us: give it the
+                # chance to win the cold start itself (bounded by the start-up grace).
+                if peer.last_heard is None and now < self.grace_until:
+                    return False
+                if peer.starting and peer.alive(now, t.peer_timeout):
+                    return False
             if not peer.alive(now, t.peer_timeout):
                 continue
             if peer.viable and peer.id < self.node_id:
@@ -622,10 +645,14 @@ class Election:
             healthy=self.healthy,
             viable=self._viable(now),
             ready_to_preempt=self._ready_to_preempt(now),
+            starting=self._starting(now),
         )
         for peer_id in self.peers:
             ready.sends.append(Outgoing(peer_id, msg))
         self._next_heartbeat = now + self.timing.heartbeat_interval
+
+    def _starting(self, now: float) -> bool:
+        return now < self.grace_until and self.eligible and self.healthy and not self.stopping
 
     def _ready_to_preempt(self, now: float) -> bool:
         t = self.timing

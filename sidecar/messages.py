@@ -29,6 +29,7 @@ class Heartbeat(msgspec.Struct, tag="hb", frozen=True, forbid_unknown_fields=Tru
     healthy: bool  # its local service passes its health check
     viable: bool  # eligible, healthy, not stopping and sees a majority alive
     ready_to_preempt: bool  # viable for preempt_delay and allowed to preempt
+    starting: bool = False  # eligible, healthy and within its start-up grace: wait for it
 
 
 class Ack(msgspec.Struct, tag="ack", frozen=True, forbid_unknown_fields=True):

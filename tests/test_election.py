@@ -147,6 +147,27 @@ def test_lowest_eligible_id_wins_at_cold_start() -> None:
     assert [i for _, i in h.gains()] == [2]
 
 
+def test_startup_grace_waits_for_a_slower_booting_lower_id() -> None:
+    """Node 1's process comes up a second after the others: it still wins the cold start,
+    so the IP moves once instead of twice (node 2, then node 1 after preempt_delay)."""
+    h = Harness()
+    h.isolate(1)
+    h.run(1.0)
+    assert h.gains() == []  # node 2 is past its quiet period but waits for node 1
+    h.cut.clear()
+    h.run(2.5)
+    assert [i for _, i in h.gains()] == [1]
+
+
+def test_startup_grace_ends_when_the_lower_id_never_shows_up() -> None:
+    h = Harness()
+    h.isolate(1)
+    h.run(LAN.startup_grace - STEP)
+    assert h.gains() == []
+    h.run(LAN.startup_grace + 0.5)
+    assert [i for _, i in h.gains()] == [2]
+
+
 def test_no_vote_during_the_startup_quiet_period() -> None:
     voter = lone(3)
     voter.step(2, heartbeat(), 0.1)
