@@ -327,10 +327,10 @@ vrrp_instance fip {{
 
 
 class SidecarSystem(System):
-    def __init__(self, lab: netns.Lab) -> None:
-        self.name = "fip-sidecar"
+    def __init__(self, lab: netns.Lab, profile: str = "lan") -> None:
+        self.name = "fip-sidecar" if profile == "lan" else f"fip-sidecar-{profile}"
         self.lab = lab
-        self.cluster = SidecarCluster(lab)
+        self.cluster = SidecarCluster(lab, profile=profile)
         self.api = self.cluster.api
 
     def start(self) -> None:
@@ -557,6 +557,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"comma-separated, of {', '.join(KEEPALIVED_PROFILES)} (empty: none)",
     )
     parser.add_argument("--no-sidecar", action="store_true")
+    parser.add_argument(
+        "--sidecar-profiles",
+        default="lan",
+        help="comma-separated timing profiles of fip-sidecar to measure (lan, fast, wan)",
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="keep logs here")
     args = parser.parse_args(argv)
     reason = netns.unavailable_reason()
@@ -571,7 +576,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, Results] = {}
     plans: list[tuple[str, Callable[[netns.Lab], System]]] = []
     if not args.no_sidecar:
-        plans.append(("fip-sidecar", SidecarSystem))
+        for sidecar_profile in [p for p in args.sidecar_profiles.split(",") if p]:
+            label = "fip-sidecar" if sidecar_profile == "lan" else f"fip-sidecar-{sidecar_profile}"
+            plans.append((label, functools.partial(SidecarSystem, profile=sidecar_profile)))
     for name in profiles:
         profile = KEEPALIVED_PROFILES[name]
         plans.append((f"keepalived-{name}", functools.partial(KeepalivedPair, profile=profile)))
