@@ -145,6 +145,12 @@ def _check_config(args: argparse.Namespace) -> int:
     )
     if loaded.floating_ip is not None:
         print(f"  floating IP {loaded.floating_ip.address}")
+    eligible = sum(m.eligible for m in loaded.members)
+    if eligible < loaded.quorum:
+        print(
+            f"  note: only {eligible} eligible members for a quorum of {loaded.quorum}: "
+            "elections need a witness's vote (require_eligible_quorum = true forbids this)"
+        )
     return 0
 
 

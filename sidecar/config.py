@@ -113,6 +113,9 @@ class FileSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fro
     profile: Literal["lan", "fast", "wan"] = "lan"
     timing: TimingOverrides = msgspec.field(default_factory=TimingOverrides)
     max_clock_skew: float = 60.0
+    #: Refuse a membership whose eligible members alone cannot form a quorum (so losing
+    #: the witness would stop every election).
+    require_eligible_quorum: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     floating_ip: FloatingIpSettings | None = None
     reserved_ip: FloatingIpSettings | None = None  # the API's newer name; same meaning
@@ -288,6 +291,13 @@ def _check_membership(raw: FileSettings) -> dict[int, Address]:
         addresses[peer.id] = address
     if not raw.eligible and not any(p.eligible for p in raw.peers):
         raise ConfigError("eligible: no member is eligible, so nobody could ever lead")
+    members = len(raw.peers) + 1
+    eligible = int(raw.eligible) + sum(p.eligible for p in raw.peers)
+    if raw.require_eligible_quorum and eligible < members // 2 + 1:
+        raise ConfigError(
+            f"require_eligible_quorum: only {eligible} of {members} members are eligible, "
+            f"fewer than the quorum of {members // 2 + 1}; add eligible members or unset it"
+        )
     return addresses
 
 

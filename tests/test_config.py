@@ -96,6 +96,13 @@ BAD_CASES = [
     ("unknown health key", GOOD + "[health]\nurl = 1\n", "health.url"),
     ("bad assigner value", GOOD + "[assigner]\nreconcile_interval = -1\n", "assigner"),
     ("not toml", "node_id = = 1\n", "--config"),
+    (
+        "eligible quorum required",
+        GOOD.replace("id = 2\naddress", "id = 2\neligible = false\naddress")
+        .replace("eligible = false\n\n", "eligible = true\n\n")
+        .replace("node_id = 1", "node_id = 1\nrequire_eligible_quorum = true"),
+        "require_eligible_quorum",
+    ),
 ]
 
 
