@@ -8,6 +8,7 @@ is a JSON-lines file the checker reads afterwards; restarts append to the same f
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -116,6 +117,18 @@ class EmulatorHost:
         )
         return answer
 
+    def set_faults(self, **change: Any) -> dict[str, Any]:
+        """POST /_emulator/faults (only the fields given change); returns the faults now."""
+        answer: dict[str, Any] = self.lab.http_post_json(
+            self.host, API_PORT, "/_emulator/faults", change
+        )
+        return answer
+
+    def requests(self) -> dict[str, Any]:
+        """GET /_emulator/requests: `total` and counts by method, path and status so far."""
+        answer: dict[str, Any] = self.lab.http_get_json(self.host, API_PORT, "/_emulator/requests")
+        return answer
+
 
 class SidecarCluster:
     """Start, watch, hurt and judge a cluster of fip-sidecar nodes inside a lab."""
@@ -129,10 +142,12 @@ class SidecarCluster:
         profile: str = "lan",
         action_seconds: float = 0.5,
         token: str = TOKEN,
+        assigner: Mapping[str, float | int] | None = None,
     ) -> None:
         self.lab = lab
         self.specs = {spec.id: spec for spec in nodes}
         self.timing = dict(timing or {})
+        self.assigner = dict(assigner or {})
         self.profile = profile
         self.hosts: dict[int, Host] = {n: lab.add_host(f"n{n}", n) for n in self.specs}
         self.api_host = lab.add_host("api", API_HOST_INDEX)
@@ -198,6 +213,9 @@ class SidecarCluster:
             for key, value in self.timing.items():
                 text = ("true" if value else "false") if isinstance(value, bool) else repr(value)
                 lines.append(f"{key} = {text}")
+        if self.assigner:
+            lines += ["", "[assigner]"]
+            lines += [f"{key} = {value!r}" for key, value in self.assigner.items()]
         lines += [
             "",
             "[floating_ip]",
@@ -249,6 +267,36 @@ class SidecarCluster:
 
     def restart(self, node: int) -> None:
         self.lab.restart(self.processes[node])
+
+    def pause(self, node: int) -> float:
+        """SIGSTOP the node (a long GC pause, a frozen VM); returns the monotonic time."""
+        at = time.monotonic()
+        self.processes[node].pause()
+        return at
+
+    def resume(self, node: int) -> float:
+        """SIGCONT the node; returns the monotonic time."""
+        at = time.monotonic()
+        self.processes[node].resume()
+        return at
+
+    def heal(self) -> None:
+        """Undo every fault the lab and the emulator can inject, and restart dead nodes.
+
+        For scenarios that share one cluster: afterwards the network is whole, the API
+        healthy and every node running (what it believes is up to the election).
+        """
+        self.api.set_faults(clear=True)
+        for host in self.hosts.values():
+            self.lab.clear_impairment(host)
+            if shutil.which("nft") is not None:
+                self.lab.clear_drops(host)
+            self.lab.link_up(host)
+        for node, proc in self.processes.items():
+            if proc.running():
+                proc.resume()
+            else:
+                self.restart(node)
 
     # ------------------------------------------------------------------ judge
     def node_logs(self) -> list[NodeLog]:
