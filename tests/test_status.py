@@ -12,7 +12,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar import config
-from sidecar.election import GainedLeadership, Role
+from sidecar.election import GainedLeadership, LostLeadership, Role
 from sidecar.metrics import Metrics
 from sidecar.node import Node
 from sidecar.protocol import generate_cluster_key
@@ -63,8 +63,8 @@ async def three_nodes(tmp_path: Path) -> AsyncIterator[list[Node]]:
         nursery.cancel_scope.cancel()
 
 
-async def wait_for_leader(nodes: list[Node], timeout: float = 10.0) -> Node:
-    with trio.fail_after(timeout):
+async def wait_for_leader(nodes: list[Node]) -> Node:
+    with trio.fail_after(10):
         while True:
             leaders = [n for n in nodes if n.is_leader()]
             if leaders:
@@ -89,10 +89,13 @@ async def test_library_api_elects_node_1_and_publishes_events(three_nodes: list[
 async def test_resign_cancels_leadership_scope_and_hands_over(three_nodes: list[Node]) -> None:
     leader = await wait_for_leader(three_nodes)
     scope = await leader.wait_until_leader()
+    events = leader.subscribe()
     leader.request_shutdown()
     with trio.fail_after(5):
-        while not scope.cancel_called:
-            await trio.sleep(0.01)
+        async for event in events:
+            if isinstance(event, LostLeadership):
+                break
+    assert scope.cancel_called
     new_leader = await wait_for_leader(three_nodes[1:])
     assert new_leader.config.node_id == 2
     assert three_nodes[2].view().role is not Role.LEADER  # the witness never leads
