@@ -20,6 +20,7 @@ After every call into any node the invariants are checked, in true time:
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import random
@@ -235,8 +236,7 @@ class Simulation:
         for out in ready.sends:
             for delay in self.network.delays(node.id, out.to):
                 self.at(
-                    self.now + delay,
-                    lambda dst=out.to, msg=out.msg: self._deliver(dst, node.id, msg),
+                    self.now + delay, functools.partial(self._deliver, out.to, node.id, out.msg)
                 )
         for event in ready.events:
             self._record(node, event)

@@ -21,6 +21,7 @@ for views to settle. With `lan` timing and preempt off that is 4.49 s.
 
 from __future__ import annotations
 
+import functools
 import random
 import statistics
 from collections.abc import Callable
@@ -124,7 +125,7 @@ def build(
 
 def start_all(sim: Simulation, rng: random.Random, spread: float = 0.3) -> None:
     for node_id in sim.nodes:
-        sim.at(rng.uniform(0.0, spread), lambda n=node_id: sim.start(n))
+        sim.at(rng.uniform(0.0, spread), functools.partial(sim.start, node_id))
 
 
 def eligible_healthy_up(sim: Simulation) -> list[int]:
