@@ -14,12 +14,15 @@ import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
-from .emulator import Emulator
-from .server import ServingAt, TlsFiles, serve
 from .settings import EmulatorSettings
+
+if TYPE_CHECKING:
+    from .emulator import Emulator
+    from .server import TlsFiles
 
 TOKEN_ENV = "FIP_EMULATOR_TOKEN"
 
@@ -155,6 +158,8 @@ def read_token(args: argparse.Namespace) -> str:
 
 def build_emulator(args: argparse.Namespace) -> Emulator:
     """An emulator from parsed flags; every mistake becomes a one-line UsageError."""
+    from .emulator import Emulator  # the web framework loads only when the emulator runs
+
     settings = EmulatorSettings(
         action_seconds=args.action_seconds,
         action_404_seconds=args.action_404_seconds,
@@ -185,6 +190,8 @@ def build_emulator(args: argparse.Namespace) -> Emulator:
 async def serve_until_signalled(
     emulator: Emulator, listen: str, edge_listen: str | None, tls: TlsFiles | None
 ) -> None:
+    from .server import ServingAt, serve
+
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             serving: ServingAt = await nursery.start(
@@ -206,6 +213,8 @@ def run(args: argparse.Namespace) -> int:
     except UsageError as error:
         print(f"fip-sidecar emulate: {error}", file=sys.stderr)
         return 2
+    from .server import TlsFiles
+
     tls = TlsFiles(args.tls_cert, args.tls_key) if args.tls_cert is not None else None
     try:
         trio.run(serve_until_signalled, emulator, args.listen, args.edge_listen, tls)
