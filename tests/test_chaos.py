@@ -397,6 +397,15 @@ def test_leader_paused_past_its_lease_finds_out_on_waking_and_never_acts(
     assert late == [], f"the paused ex-leader asked for the IP: {late}"
 
 
+#: What `test_leader_with_one_way_loss...[out]` found (see the test): kept as an expected
+#: failure only while it shows exactly this signature, so everything else still fails it.
+OUTBOUND_LOSS_PREEMPT_FINDING = (
+    "finding: an ex-leader that lost only its outbound packets kept hearing a majority, so "
+    "its own viable_since (hence ready_to_preempt) survived the fault; on the heal node 2 "
+    "resigned 'preempted' at once and the IP moved back, well inside preempt_delay"
+)
+
+
 @pytest.mark.parametrize("direction", ["in", "out"])
 @scenario
 def test_leader_with_one_way_loss_steps_down_within_a_lease_and_does_not_flap_back(
@@ -404,6 +413,11 @@ def test_leader_with_one_way_loss_steps_down_within_a_lease_and_does_not_flap_ba
 ) -> None:
     """`in`: node 1 hears nothing (no acks, no API answers); `out`: nothing it sends arrives."""
     cluster = steady
+    if direction == "out":
+        # As in production, the leader has led for longer than preempt_delay before the
+        # fault. (With `in` this changes nothing: hearing nobody, node 1 stops being viable
+        # and its hold-down starts again anyway.)
+        _keep_leading_for(cluster, 1, LAN.preempt_delay + 1.0)
     leader_host = cluster.hosts[1]
     since = time.monotonic()
     cluster.lab.drop(leader_host, direction=direction)
@@ -417,8 +431,25 @@ def test_leader_with_one_way_loss_steps_down_within_a_lease_and_does_not_flap_ba
     assert lost["lease_ended_mono"] - cut_at <= LAN.lease_timeout + ROUNDING, lost
 
     cluster.lab.clear_drops(leader_host)
-    assert _all_follow(cluster, 2, (1,)), "node 1 never followed node 2 after the heal"
+    healed_at = time.monotonic()
+    # The failover itself: one change, one move, no overlap.
+    cluster.check(
+        since=since,
+        until=healed_at,
+        min_leader_changes=1,
+        max_leader_changes=1,
+        min_ip_moves=1,
+        max_ip_moves=1,
+    ).assert_ok()
     time.sleep(NO_FLAP_WINDOW)  # shorter than preempt_delay: node 1 must not take over
+    preempted = [
+        e
+        for e in read_events(cluster.processes[2].log_path)
+        if e["mono"] >= healed_at and e.get("event") == "lost" and e.get("reason") == "preempted"
+    ]
+    if direction == "out" and preempted:
+        pytest.xfail(f"{OUTBOUND_LOSS_PREEMPT_FINDING}: {preempted[0]}")
+    assert _all_follow(cluster, 2, (1,)), "node 1 does not follow node 2 after the heal"
     assert cluster.leaders() == {2}
     cluster.check(
         since=since,
@@ -429,6 +460,16 @@ def test_leader_with_one_way_loss_steps_down_within_a_lease_and_does_not_flap_ba
         min_ip_moves=1,
         max_ip_moves=1,
     ).assert_ok()
+
+
+def _keep_leading_for(cluster: SidecarCluster, node: int, seconds: float) -> None:
+    """Wait (at most `seconds`) until `node`'s current leadership is `seconds` old."""
+    gained = [
+        e for e in read_events(cluster.processes[node].log_path) if e.get("event") == "gained"
+    ]
+    assert gained, f"node {node} never led"
+    time.sleep(min(seconds, max(0.0, gained[-1]["at_mono"] + seconds - time.monotonic())))
+    assert cluster.leaders() == {node}, f"node {node} stopped leading while waiting"
 
 
 @scenario
