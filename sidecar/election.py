@@ -156,6 +156,7 @@ class PeerState:
     id: int
     eligible: bool  # from config: a peer cannot promote itself by claiming eligibility
     last_heard: float | None = None
+    heard_since: float | None = None  # start of the current unbroken run of hearing it
     term: int = 0
     leader_id: int | None = None
     leading: bool = False
@@ -270,6 +271,8 @@ class Election:
         if peer is None:
             return ready  # protocol.py already drops unknown senders; be safe anyway
         self._expire(now, ready)
+        if not peer.alive(now, self.timing.peer_timeout):
+            peer.heard_since = now
         peer.last_heard = now
         if msg.term > self.term:
             self._adopt_term(msg.term, sender)
@@ -611,6 +614,10 @@ class Election:
         self.role = Role.FOLLOWER
         self._lease_until = float("-inf")
         self._promised_at.clear()
+        if reason == "lease_expired":
+            # Cut off from the majority's acks: whatever our own view says, we were not
+            # a stable member, so a pre-emption hold-down starts again from here.
+            self._viable_since = None
         ready.events.append(LostLeadership(self.term, now, reason, lease_ended_at))
 
     def _consider_handover(self, now: float, ready: Ready) -> None:
@@ -618,7 +625,16 @@ class Election:
         t = self.timing
         live_viable = [p for p in self.peers.values() if p.viable and p.alive(now, t.peer_timeout)]
         reason = None
-        if any(p.id < self.node_id and p.ready_to_preempt for p in live_viable):
+        # The challenger's own "ready" is not enough: a node that could hear but not be
+        # heard (one-way loss) stays viable in its own eyes. We also must have heard it
+        # without a break for preempt_delay, or every healed fault would move the IP twice.
+        if any(
+            p.id < self.node_id
+            and p.ready_to_preempt
+            and p.heard_since is not None
+            and now - p.heard_since >= t.preempt_delay
+            for p in live_viable
+        ):
             reason = "preempted"
         elif not self.healthy and live_viable:
             reason = "unhealthy"

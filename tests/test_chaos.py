@@ -397,15 +397,6 @@ def test_leader_paused_past_its_lease_finds_out_on_waking_and_never_acts(
     assert late == [], f"the paused ex-leader asked for the IP: {late}"
 
 
-#: What `test_leader_with_one_way_loss...[out]` found (see the test): kept as an expected
-#: failure only while it shows exactly this signature, so everything else still fails it.
-OUTBOUND_LOSS_PREEMPT_FINDING = (
-    "finding: an ex-leader that lost only its outbound packets kept hearing a majority, so "
-    "its own viable_since (hence ready_to_preempt) survived the fault; on the heal node 2 "
-    "resigned 'preempted' at once and the IP moved back, well inside preempt_delay"
-)
-
-
 @pytest.mark.parametrize("direction", ["in", "out"])
 @scenario
 def test_leader_with_one_way_loss_steps_down_within_a_lease_and_does_not_flap_back(
@@ -447,8 +438,10 @@ def test_leader_with_one_way_loss_steps_down_within_a_lease_and_does_not_flap_ba
         for e in read_events(cluster.processes[2].log_path)
         if e["mono"] >= healed_at and e.get("event") == "lost" and e.get("reason") == "preempted"
     ]
-    if direction == "out" and preempted:
-        pytest.xfail(f"{OUTBOUND_LOSS_PREEMPT_FINDING}: {preempted[0]}")
+    # Found here first: an ex-leader that lost only its outbound packets kept hearing a
+    # majority, so its own hold-down survived the fault and node 2 was pre-empted at once
+    # on the heal. The leader now also needs to have heard it unbroken for preempt_delay.
+    assert not preempted, f"pre-empted inside preempt_delay after the heal: {preempted[0]}"
     assert _all_follow(cluster, 2, (1,)), "node 1 does not follow node 2 after the heal"
     assert cluster.leaders() == {2}
     cluster.check(

@@ -583,3 +583,21 @@ class AdversarialNetwork(RuleBasedStateMachine):
 
 
 test_adversarial_network_never_yields_two_leases = AdversarialNetwork.TestCase
+
+
+def test_one_way_outbound_loss_does_not_skip_the_preempt_hold_down() -> None:
+    """Node 1 can hear but not be heard: it loses its lease while staying viable in its own
+    eyes. When its packets flow again, node 2 must not hand over before preempt_delay
+    (found in the namespace chaos suite: two IP moves within a second)."""
+    h = Harness(timing=replace(LAN, preempt_delay=3.0))
+    h.run(5.0)  # node 1 has led (and been viable) for longer than preempt_delay
+    assert h.leaders() == [1]
+    h.cut |= {(1, 2), (1, 3)}
+    h.run(7.0)
+    assert h.leaders() == [2]
+    healed = h.now
+    h.cut.clear()
+    h.run(healed + 2.5)
+    assert h.leaders() == [2], "pre-empted before node 2 had heard node 1 for preempt_delay"
+    h.run(healed + 5.0)
+    assert h.leaders() == [1]  # the bully rule still applies once the hold-down has passed
