@@ -746,12 +746,16 @@ def test_settings_reject_bad_values(fields: dict[str, Any]) -> None:
 
 def test_budget_windows_without_a_clock() -> None:
     budget = RequestBudget(per_minute=3, per_hour=5)
-    assert budget.wait_needed(0.0) == 0.0
+    assert budget.wait_needed(0.0, urgent=True) == 0.0
     budget._sent.extend([0.0, 1.0, 2.0])
-    assert budget.wait_needed(2.0) == 58.0  # the 4th must wait until the 1st leaves the minute
+    assert (
+        budget.wait_needed(2.0, urgent=True) == 58.0
+    )  # the 4th must wait until the 1st leaves the minute
     budget._sent.extend([60.0, 61.0])
-    assert budget.wait_needed(62.0) == 3538.0  # the hour is full until the 1st is an hour old
-    assert budget.wait_needed(3600.0) == 0.0
+    assert (
+        budget.wait_needed(62.0, urgent=True) == 3538.0
+    )  # the hour is full until the 1st is an hour old
+    assert budget.wait_needed(3600.0, urgent=True) == 0.0
 
 
 async def test_budget_spaces_a_burst(autojump_clock: trio.testing.MockClock) -> None:
@@ -759,12 +763,42 @@ async def test_budget_spaces_a_burst(autojump_clock: trio.testing.MockClock) -> 
     start_time = trio.current_time()
     times = []
     for _ in range(30):
-        await budget.acquire()
+        await budget.acquire(urgent=True)
         times.append(trio.current_time() - start_time)
     assert times[:10] == [0.0] * 10
     assert times[10:20] == [60.0] * 10
     assert times[20:25] == [120.0] * 5
     assert times[25:] == [3600.0] * 5
+
+
+def test_routine_requests_leave_a_tenth_of_the_budget_to_urgent_ones() -> None:
+    budget = RequestBudget(per_minute=10, per_hour=100)
+    budget._sent.extend(float(t) for t in range(9))
+    assert budget.wait_needed(9.0) == 52.0  # routine requests leave 2 of 10 to urgent ones
+    assert budget.wait_needed(9.0, urgent=True) == 0.0
+    budget._sent.append(9.0)
+    assert budget.wait_needed(9.5, urgent=True) == 50.5  # the whole budget still binds
+
+
+async def test_a_failover_storm_never_delays_the_assign_for_routine_requests(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Routine reads and polls of earlier stints fill the routine share; the next
+    leadership's first read and assign still go out at once."""
+    fake, leadership = FakeDO(holder=OTHER, action_seconds=0.5), FakeLeadership()
+    settings = AssignerSettings(requests_per_minute=10, requests_per_hour=100)
+    budget = RequestBudget(settings.requests_per_minute, settings.requests_per_hour)
+    while budget.wait_needed(trio.current_time()) == 0:
+        await budget.acquire()  # routine requests of earlier stints fill the routine share
+    client = DigitalOceanClient(CLIENT_SETTINGS, TOKEN, transport=httpx.MockTransport(fake.handler))
+    assigner = Assigner(client, IP, ME, leadership, settings, random.Random(3), budget=budget)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(assigner.run)
+        t0 = trio.current_time()
+        leadership.gain()
+        await trio.sleep(5)
+        nursery.cancel_scope.cancel()
+    assert fake.posts and fake.posts[0][0] == t0
 
 
 # --------------------------------------------------------------------------- against the emulator

@@ -257,9 +257,12 @@ def test_429_storm_through_a_failover_stays_inside_the_request_budget(
     killed = cluster.kill(1)
     cluster.wait_for_leader(expect=2)
     cluster.wait_for_holder(DROPLET[2], since=killed, timeout=storm + 20.0)
-    # The budget is what binds: node 2 reaches it within a second or two of reconciling...
+    # The budget is what binds: node 2 reaches it within a second or two of reconciling
+    # (routine reads stop 2 short of it: that room is kept for the next failover's
+    # read and assign)...
+    routine = budget - 2
     deadline = time.monotonic() + 15.0
-    while (used := requests_last_minute(cluster, 2)) < budget:
+    while (used := requests_last_minute(cluster, 2)) < routine:
         assert time.monotonic() < deadline, f"node 2 never used its budget: {used}"
         time.sleep(0.1)
     time.sleep(2.0)  # ... and unbudgeted it would make ~20 more reads in this time.
@@ -273,7 +276,7 @@ def test_429_storm_through_a_failover_stays_inside_the_request_budget(
     limit = 2 * budget * windows
     assert counted["total"] <= limit, f"{counted['total']} requests in {span:.0f} s: {counted}"
     assert counted["total"] <= 250 * windows  # DigitalOcean's per-token limit
-    assert requests_last_minute(cluster, 2) == budget
+    assert routine <= requests_last_minute(cluster, 2) <= budget
     assert_assignments_made_by_leaders(cluster)
     assert_token_hidden(cluster)
 
