@@ -156,6 +156,7 @@ class Prober:
 #: the budget to DigitalOcean's own per-token limit instead.
 ASSIGNER = {"requests_per_minute": 250, "requests_per_hour": 5000}
 
+
 def longest_gap(samples: Sequence[Sample], since: float) -> float:
     """The longest time between two successful answers, counting from the last success
     before `since` (the kill) to the last sample."""
