@@ -212,6 +212,18 @@ def start(
     return assigner
 
 
+async def lead_for(
+    seconds: float, fake: FakeDO, leadership: FakeLeadership, **options: Any
+) -> Assigner:
+    """Run an assigner that gains leadership at once, for `seconds` of (virtual) time."""
+    async with trio.open_nursery() as nursery:
+        assigner = start(nursery, fake, leadership, **options)
+        leadership.gain()
+        await trio.sleep(seconds)
+        nursery.cancel_scope.cancel()
+    return assigner
+
+
 # --------------------------------------------------------------------------- the happy paths
 
 
@@ -248,11 +260,7 @@ async def test_does_nothing_when_it_already_holds_the_ip(
     autojump_clock: trio.testing.MockClock, holder: int
 ) -> None:
     fake, leadership = FakeDO(holder=holder), FakeLeadership()
-    async with trio.open_nursery() as nursery:
-        start(nursery, fake, leadership)
-        leadership.gain()
-        await trio.sleep(300)
-        nursery.cancel_scope.cancel()
+    await lead_for(300, fake, leadership)
     assert fake.posts == []
     assert 25 <= len(fake.reads()) <= 38
     assert all(method == "GET" for _, method, _ in fake.requests)
@@ -260,11 +268,7 @@ async def test_does_nothing_when_it_already_holds_the_ip(
 
 async def test_an_unassigned_ip_is_assigned(autojump_clock: trio.testing.MockClock) -> None:
     fake, leadership = FakeDO(holder=None), FakeLeadership()
-    async with trio.open_nursery() as nursery:
-        start(nursery, fake, leadership)
-        leadership.gain()
-        await trio.sleep(30)
-        nursery.cancel_scope.cancel()
+    await lead_for(30, fake, leadership)
     assert [droplet for _, droplet in fake.posts] == [ME]
     assert fake.holder == ME
 
@@ -340,11 +344,7 @@ async def test_unprocessable_waits_and_retries(autojump_clock: trio.testing.Mock
         return None
 
     fake.override = busy
-    async with trio.open_nursery() as nursery:
-        assigner = start(nursery, fake, leadership)
-        leadership.gain()
-        await trio.sleep(60)
-        nursery.cancel_scope.cancel()
+    assigner = await lead_for(60, fake, leadership)
     assert len(refused_at) == 2
     for refusal in refused_at:
         next_request = min(t for t, _, _ in fake.requests if t > refusal)
@@ -432,11 +432,7 @@ async def test_rate_limit_waits_for_retry_after(autojump_clock: trio.testing.Moc
         return None
 
     fake.override = limited
-    async with trio.open_nursery() as nursery:
-        start(nursery, fake, leadership)
-        leadership.gain()
-        await trio.sleep(60)
-        nursery.cancel_scope.cancel()
+    await lead_for(60, fake, leadership)
     times = [t for t, _, _ in fake.requests]
     assert times[1] - times[0] == pytest.approx(30.0)
     assert fake.holder == ME
@@ -460,11 +456,7 @@ async def test_rate_limit_waits_until_ratelimit_reset(
         return None
 
     fake.override = limited
-    async with trio.open_nursery() as nursery:
-        start(nursery, fake, leadership, wall_clock=lambda: epoch + trio.current_time())
-        leadership.gain()
-        await trio.sleep(100)
-        nursery.cancel_scope.cancel()
+    await lead_for(100, fake, leadership, wall_clock=lambda: epoch + trio.current_time())
     times = [t for t, _, _ in fake.requests]
     assert 44.0 <= times[1] - times[0] <= 45.0
     assert fake.holder == ME
@@ -542,11 +534,7 @@ async def test_an_unknown_action_falls_back_to_reading_the_ip(
 ) -> None:
     fake, leadership, observer = FakeDO(holder=OTHER), FakeLeadership(), RecordingObserver()
     fake.actions_unknown = True
-    async with trio.open_nursery() as nursery:
-        start(nursery, fake, leadership, observer=observer)
-        leadership.gain()
-        await trio.sleep(30)
-        nursery.cancel_scope.cancel()
+    await lead_for(30, fake, leadership, observer=observer)
     after_post = [path for _, method, path in fake.requests[2:5]]
     assert after_post == [
         f"/v2/reserved_ips/{IP}/actions/501",
@@ -563,11 +551,7 @@ async def test_an_action_that_never_ends_times_out_then_retries(
     fake, leadership, observer = FakeDO(holder=OTHER), FakeLeadership(), RecordingObserver()
     fake.actions_never_finish = True
     fake.lock_while_pending = False
-    async with trio.open_nursery() as nursery:
-        start(nursery, fake, leadership, observer=observer)
-        leadership.gain()
-        await trio.sleep(150)
-        nursery.cancel_scope.cancel()
+    await lead_for(150, fake, leadership, observer=observer)
     assert len(fake.posts) == 2
     assert fake.posts[1][0] - fake.posts[0][0] == pytest.approx(90.0, abs=1.0)
     assert observer.assignments[0] == (pytest.approx(90.0), "timeout")
@@ -578,11 +562,7 @@ async def test_an_errored_action_is_retried_after_the_cooloff(
 ) -> None:
     fake, leadership, observer = FakeDO(holder=OTHER), FakeLeadership(), RecordingObserver()
     fake.fail_next_action = True
-    async with trio.open_nursery() as nursery:
-        start(nursery, fake, leadership, observer=observer)
-        leadership.gain()
-        await trio.sleep(60)
-        nursery.cancel_scope.cancel()
+    await lead_for(60, fake, leadership, observer=observer)
     assert [outcome for _, outcome in observer.assignments] == ["errored", "completed"]
     assert fake.posts[1][0] - fake.posts[0][0] == pytest.approx(5.0)
     assert fake.holder == ME
