@@ -26,7 +26,7 @@ from sidecar.digitalocean import DigitalOceanSettings
 from sidecar.election import Member, Timing
 from sidecar.health import HealthSettings
 from sidecar.hooks import HookSettings
-from sidecar.protocol import parse_cluster_key
+from sidecar.protocol import membership_digest, parse_cluster_key
 
 ENV_PREFIX = "FIP_SIDECAR_"
 
@@ -80,6 +80,10 @@ class PeerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fro
     id: int
     address: str
     eligible: bool = True
+    #: A membership change is being rolled out: this member is in the new membership only
+    #: (`joining`) or in the old one only (`leaving`). See the README: Changing membership.
+    joining: bool = False
+    leaving: bool = False
 
 
 class TimingOverrides(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
@@ -107,6 +111,10 @@ class FileSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fro
     node_id: int
     bind: str
     peers: list[PeerSettings]
+    #: Part of the membership digest: two clusters that share a key never mix.
+    cluster_name: str = "fip-sidecar"
+    joining: bool = False
+    leaving: bool = False
     status_listen: str = "127.0.0.1:9401"
     cluster_key_file: str | None = None
     eligible: bool = True
@@ -155,6 +163,9 @@ class Config:
     health: HealthSettings
     hooks: HookSettings
     source: str
+    cluster_name: str = "fip-sidecar"
+    #: One membership, or (old, new) while a change is rolled out.
+    memberships: tuple[frozenset[int], ...] = ()
 
     @property
     def members(self) -> list[Member]:
@@ -163,8 +174,31 @@ class Config:
         ]
 
     @property
+    def member_list(self) -> tuple[tuple[int, bool], ...]:
+        """(id, eligible) of every member listed, sorted: what a mismatched peer is told."""
+        return tuple(sorted((m.id, m.eligible) for m in self.members))
+
+    @property
+    def membership_digests(self) -> tuple[int, ...]:
+        eligible = dict(self.member_list)
+        return tuple(
+            membership_digest(self.cluster_name, [(i, eligible[i]) for i in members])
+            for members in self.memberships
+        )
+
+    @property
+    def changing_membership(self) -> bool:
+        return len(self.memberships) == 2
+
+    @property
     def quorum(self) -> int:
-        return (len(self.peers) + 1) // 2 + 1
+        """The majority of the newest membership (a change also needs the old one's)."""
+        return len(self.memberships[-1]) // 2 + 1
+
+    @property
+    def quorum_text(self) -> str:
+        parts = [f"{len(m) // 2 + 1} of {len(m)}" for m in self.memberships]
+        return " and ".join(parts) if len(parts) == 1 else f"{parts[0]} (old) and {parts[1]} (new)"
 
     def __repr__(self) -> str:  # never show the key
         return f"Config(node_id={self.node_id}, bind={self.bind}, source={self.source!r})"
@@ -291,6 +325,11 @@ def _check_membership(raw: FileSettings) -> dict[int, Address]:
         addresses[peer.id] = address
     if not raw.eligible and not any(p.eligible for p in raw.peers):
         raise ConfigError("eligible: no member is eligible, so nobody could ever lead")
+    for index, peer in enumerate(raw.peers):
+        if peer.joining and peer.leaving:
+            raise ConfigError(f"peers[{index}]: a member is joining or leaving, not both")
+    if raw.joining and raw.leaving:
+        raise ConfigError("joining: this node is joining or leaving, not both")
     members = len(raw.peers) + 1
     eligible = int(raw.eligible) + sum(p.eligible for p in raw.peers)
     if raw.require_eligible_quorum and eligible < members // 2 + 1:
@@ -299,6 +338,20 @@ def _check_membership(raw: FileSettings) -> dict[int, Address]:
             f"fewer than the quorum of {members // 2 + 1}; add eligible members or unset it"
         )
     return addresses
+
+
+def _memberships(raw: FileSettings) -> tuple[frozenset[int], ...]:
+    """The old and new membership of a change in progress, or the one membership."""
+    everyone = [(raw.node_id, raw.eligible, raw.joining, raw.leaving)] + [
+        (p.id, p.eligible, p.joining, p.leaving) for p in raw.peers
+    ]
+    old = frozenset(i for i, _, joining, _ in everyone if not joining)
+    new = frozenset(i for i, _, _, leaving in everyone if not leaving)
+    if not old:
+        raise ConfigError("joining: every member is joining; the old membership would be empty")
+    if not any(eligible for i, eligible, _, leaving in everyone if not leaving):
+        raise ConfigError("leaving: no eligible member would remain after the change")
+    return (old,) if old == new else (old, new)
 
 
 def load(
@@ -356,4 +409,6 @@ def _validate(raw: FileSettings, path: Path, env: Mapping[str, str]) -> Config:
         health=raw.health,
         hooks=raw.hooks,
         source=str(path),
+        cluster_name=raw.cluster_name,
+        memberships=_memberships(raw),
     )

@@ -24,6 +24,14 @@ Why the rules are safe (the argument the tests check):
 * `role_at(now)` re-checks the lease, so a node woken from a pause past its lease never
   answers "leader", whatever it has not yet processed.
 
+Membership changes (joint consensus, as in Raft's thesis section 4.3): a node may be given two
+memberships, the one before a change and the one after. While it has two, it counts a majority
+in *each* of them for everything (its lease, its viability), and a member that is leaving
+(absent from the newer membership) never stands. Nodes whose memberships share none are kept
+apart by the codec. So while a change is rolled out, every lease rests on a majority of the
+old membership (first half of the roll-out) or of the new one (second half), and any two
+leases share a voter, who promises only one of them.
+
 Liveness and priority: a node stands only when it is viable (eligible, healthy, sees a
 majority), holds no promise, sees no live viable lower id, and sees no live peer that
 follows a leader; voters apply the same priority test, so the lowest viable id wins.
@@ -36,6 +44,7 @@ from __future__ import annotations
 
 import enum
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from sidecar.messages import Ack, Heartbeat, Message, Resign, VoteRequest, VoteResponse
@@ -56,6 +65,10 @@ class Member:
 
     id: int
     eligible: bool = True
+
+
+def majority(members: frozenset[int]) -> int:
+    return len(members) // 2 + 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +212,8 @@ class View:
     promise_remaining: float | None
     in_startup_quiet: bool
     peers: tuple[PeerView, ...]
+    #: Why this node is not leading (None while it leads): for a person reading /status.
+    waiting_for: str | None = None
 
 
 # ---------------------------------------------------------------------------- the core
@@ -216,31 +231,34 @@ class Election:
         rng: random.Random,
         *,
         healthy: bool = True,
+        memberships: Sequence[frozenset[int]] | None = None,
+        health_pending: bool = False,
+        health_allowance: float = 0.0,
     ) -> None:
-        ids = [m.id for m in members]
-        if len(ids) != len(set(ids)):
-            raise ValueError("member ids must be unique")
-        me = [m for m in members if m.id == node_id]
-        if not me:
-            raise ValueError(f"node {node_id} is not among the members")
         problems = timing.problems()
         if problems:
             raise ValueError("; ".join(problems))
         self.node_id = node_id
-        self.eligible = me[0].eligible
         self.timing = timing
-        self.quorum = len(members) // 2 + 1
         self._rng = rng
-        self.peers: dict[int, PeerState] = {
-            m.id: PeerState(m.id, m.eligible) for m in members if m.id != node_id
-        }
+        self.peers: dict[int, PeerState] = {}
+        self.memberships: tuple[frozenset[int], ...] = ()
+        self.eligible = False
+        self._configure(members, memberships)
         self.healthy = healthy
+        #: No health verdict yet: the node still announces `starting`, so that a peer whose
+        #: service answered first does not win the cold start (and move the IP twice).
+        self.health_pending = health_pending
         self.stopping = False
         self.term = 0
         self.role = Role.FOLLOWER
+        #: How many times this node stood for election (every round, even one that expired
+        #: and restarted within one tick): what `fip_elections_total` counts.
+        self.elections = 0
         # No vote for one lease after start: this replaces a persisted vote.
         self.quiet_until = now + timing.lease_timeout
-        self.grace_until = now + timing.startup_grace
+        # A node waiting for its first health verdict is given that long on top.
+        self.grace_until = now + timing.startup_grace + (health_allowance if health_pending else 0)
         self._voted_term = -1
         self._voted_for: int | None = None
         self._promise_to: int | None = None
@@ -251,7 +269,9 @@ class Election:
         self._follow: int | None = None  # the leader whose heartbeat we accepted
         self._follow_until = float("-inf")
         self._lease_until = float("-inf")
-        self._seq = 0
+        # A random start keeps the sequence numbers of two processes of one node apart, so
+        # a late Ack or VoteResponse meant for a predecessor never matches our own request.
+        self._seq = rng.randrange(1 << 48)
         self._sent: dict[int, float] = {}  # seq -> send time (heartbeats and vote requests)
         self._promised_at: dict[int, float] = {}  # peer -> send time it promised on (this stint)
         self._round_until = float("-inf")
@@ -262,7 +282,77 @@ class Election:
         self._announced_viable = False
         self._announced_starting = False
 
+    def _configure(
+        self, members: list[Member], memberships: Sequence[frozenset[int]] | None
+    ) -> None:
+        ids = [m.id for m in members]
+        if len(ids) != len(set(ids)):
+            raise ValueError("member ids must be unique")
+        me = [m for m in members if m.id == self.node_id]
+        if not me:
+            raise ValueError(f"node {self.node_id} is not among the members")
+        sets = tuple(memberships) if memberships else (frozenset(ids),)
+        if not 1 <= len(sets) <= 2 or any(not s or not s <= set(ids) for s in sets):
+            raise ValueError("memberships: one or two non-empty subsets of the members")
+        if self.node_id not in frozenset().union(*sets):
+            raise ValueError(f"node {self.node_id} is in no membership")
+        self.memberships = sets
+        # A member leaving in this change never stands: it would need a majority of a
+        # membership it is not in, and it is about to go.
+        self.eligible = me[0].eligible and self.node_id in sets[-1]
+        old = self.peers
+        self.peers = {
+            m.id: old.get(m.id) or PeerState(m.id, m.eligible)
+            for m in members
+            if m.id != self.node_id
+        }
+        for m in members:
+            if m.id in self.peers:
+                self.peers[m.id].eligible = m.eligible
+
     # ------------------------------------------------------------------ public inputs
+
+    def reconfigure(
+        self,
+        members: list[Member],
+        memberships: Sequence[frozenset[int]] | None,
+        now: float,
+    ) -> Ready:
+        """A live membership change (reload). What we know of remaining peers is kept, and
+        so is a lease already held: it rests on a majority of the membership it was won
+        under, which is what the roll-out's safety argument needs. Renewals follow the new
+        memberships from here on."""
+        self._configure(members, memberships)
+        for gone in set(self._promised_at) - set(self.peers):
+            del self._promised_at[gone]
+        if self._follow is not None and self._follow not in self.peers:
+            self._follow, self._follow_until = None, min(self._follow_until, now)
+        return self.tick(now)
+
+    def peer_restarted(self, peer_id: int, now: float) -> Ready:
+        """`peer_id` is now a different process (the runtime saw a new incarnation).
+
+        Whatever the old process was promised is not the new one's: a promise to it keeps
+        blocking every vote until it runs out, but no longer counts as "promised to this
+        candidate", and a vote given to it this term is not given again.
+        """
+        peer = self.peers.get(peer_id)
+        ready = Ready()
+        if peer is None:
+            return ready
+        if self._promise_to == peer_id:
+            self._promise_to = None
+        if self._voted_for == peer_id:
+            self._voted_for = None
+        if self._follow == peer_id:
+            self._follow_until = min(self._follow_until, now)
+        peer.leading = peer.viable = peer.ready_to_preempt = peer.starting = False
+        peer.leader_id = None
+        peer.heard_since = now
+        peer.rtt = None
+        self._expire(now, ready)
+        self._advance(now, ready)
+        return ready
 
     def step(self, sender: int, msg: Message, now: float) -> Ready:
         """Process one authenticated message from `sender` (a known peer)."""
@@ -300,6 +390,7 @@ class Election:
     def set_healthy(self, healthy: bool, now: float) -> Ready:
         """The local service's health changed (after the health checker's hysteresis)."""
         self.healthy = healthy
+        self.health_pending = False
         return self.tick(now)
 
     def resign(self, now: float, reason: str) -> Ready:
@@ -339,8 +430,11 @@ class Election:
     def lease_until(self) -> float | None:
         return self._lease_until if self.role is Role.LEADER else None
 
-    def promise_at(self, now: float) -> tuple[int, float] | None:
-        """Whom this node has promised not to vote against at `now`, and until when."""
+    def promise_at(self, now: float) -> tuple[int | None, float] | None:
+        """Whom this node has promised not to vote against at `now`, and until when.
+
+        The id is None for a promise to a process that has since been replaced: it blocks
+        every vote until it runs out, and supports nobody's new lease."""
         if self._promise_to is None or now >= self._promise_until:
             return None
         return self._promise_to, self._promise_until
@@ -378,6 +472,7 @@ class Election:
             promise_to=self._promise_to if promise_active else None,
             promise_remaining=(self._promise_until - now) if promise_active else None,
             in_startup_quiet=now < self.quiet_until,
+            waiting_for=None if role is Role.LEADER else self._waiting_for(now),
             peers=tuple(
                 PeerView(
                     id=p.id,
@@ -393,6 +488,49 @@ class Election:
                 for p in sorted(self.peers.values(), key=lambda p: p.id)
             ),
         )
+
+    def _waiting_for(self, now: float) -> str:
+        """One reason a non-leader is not leading, in the order a person would look."""
+        t = self.timing
+        if self.stopping:
+            return "stopping"
+        if not self.eligible:
+            leaving = self.node_id not in self.memberships[-1]
+            return "leaving (not in the new membership)" if leaving else "not eligible (witness)"
+        if self.health_pending:
+            return "starting: waiting for the first health verdict"
+        if not self.healthy:
+            return "unhealthy: the local service fails its health check"
+        if not self._has_quorum(now):
+            return "no quorum: " + self._quorum_text(now)
+        if now < self.quiet_until:
+            return "starting: start-up quiet period"
+        leader = self.leader_at(now)
+        if leader is not None and leader != self.node_id:
+            viable_since = self._viable_since
+            if self.node_id < leader and t.preempt and viable_since is not None:
+                left = viable_since + t.preempt_delay - now
+                if left > 0:
+                    return f"following {leader}; may take over in {left:.0f}s (preempt_delay)"
+                return f"following {leader}; waiting for it to hand over (preempt)"
+            return f"following {leader}"
+        if self.role is Role.CANDIDATE:
+            return "standing for election"
+        for peer in sorted(self.peers.values(), key=lambda p: p.id):
+            if peer.id < self.node_id and peer.viable and peer.alive(now, t.peer_timeout):
+                return f"lower id {peer.id} is viable and should lead"
+            if peer.id < self.node_id and peer.starting and peer.alive(now, t.peer_timeout):
+                return f"lower id {peer.id} is starting"
+        if now < self._promise_until:
+            return f"promised to {self._promise_to} for another {self._promise_until - now:.2f}s"
+        return "waiting for an election round"
+
+    def _quorum_text(self, now: float) -> str:
+        parts = []
+        for members in self.memberships:
+            alive = self._alive_count(members, now)
+            parts.append(f"{alive} of {len(members)} reachable, {majority(members)} needed")
+        return "; ".join(parts)
 
     # ------------------------------------------------------------------ message handlers
 
@@ -552,8 +690,19 @@ class Election:
     def _viable(self, now: float) -> bool:
         if not (self.eligible and self.healthy) or self.stopping:
             return False
-        alive = sum(1 for p in self.peers.values() if p.alive(now, self.timing.peer_timeout))
-        return 1 + alive >= self.quorum
+        return self._has_quorum(now)
+
+    def _alive_count(self, members: frozenset[int], now: float) -> int:
+        """Members of `members` we can count right now: ourselves and live peers."""
+        alive = sum(
+            1
+            for p in self.peers.values()
+            if p.id in members and p.alive(now, self.timing.peer_timeout)
+        )
+        return alive + (self.node_id in members)
+
+    def _has_quorum(self, now: float) -> bool:
+        return all(self._alive_count(m, now) >= majority(m) for m in self.memberships)
 
     def _should_stand(self, now: float) -> bool:
         t = self.timing
@@ -583,13 +732,14 @@ class Election:
         highest_seen = max([self.term, *(p.term for p in self.peers.values())])
         self.term = highest_seen + 1
         self.role = Role.CANDIDATE
+        self.elections += 1
         self._voted_term = self.term
         self._voted_for = self.node_id
         self._promised_at.clear()
         # A little jitter keeps two unlucky candidates from colliding round after round.
         self._round_until = now + self.timing.election_round * (1 + 0.2 * self._rng.random())
         self._next_vote_send = now
-        if self.quorum == 1:
+        if self._alone_is_majority():
             self._become_leader(now, now, ready)
 
     def _abandon_round(self) -> None:
@@ -650,7 +800,7 @@ class Election:
     def _send_heartbeats(self, now: float, ready: Ready) -> None:
         leading = self.role_at(now) is Role.LEADER
         seq = self._next_seq(now)
-        if leading and self.quorum == 1:
+        if leading and self._alone_is_majority():
             self._lease_until = self._lease_end(now)
         msg = Heartbeat(
             term=self.term,
@@ -668,7 +818,12 @@ class Election:
         self._next_heartbeat = now + self.timing.heartbeat_interval
 
     def _starting(self, now: float) -> bool:
-        return now < self.grace_until and self.eligible and self.healthy and not self.stopping
+        return (
+            now < self.grace_until
+            and self.eligible
+            and (self.healthy or self.health_pending)
+            and not self.stopping
+        )
 
     def _ready_to_preempt(self, now: float) -> bool:
         t = self.timing
@@ -684,7 +839,7 @@ class Election:
         self._seq += 1
         self._sent[self._seq] = now
         if len(self._sent) > _SENT_HISTORY:
-            del self._sent[min(self._sent)]
+            del self._sent[next(iter(self._sent))]  # insertion order: the oldest first
         return self._seq
 
     def _record_promise(self, peer_id: int, sent_at: float, now: float) -> None:
@@ -693,13 +848,26 @@ class Election:
         if lease_start is not None:
             self._lease_until = max(self._lease_until, self._lease_end(lease_start))
 
+    def _alone_is_majority(self) -> bool:
+        """A one-node cluster: we are a majority of every membership by ourselves."""
+        return all(majority(m) <= (self.node_id in m) for m in self.memberships)
+
     def _majority_promise_time(self, now: float) -> float | None:
-        """The newest send time that a majority (with us) has promised on, if any."""
-        needed = self.quorum - 1
-        if needed == 0:
-            return now
-        times = sorted(self._promised_at.values(), reverse=True)
-        return times[needed - 1] if len(times) >= needed else None
+        """The newest send time that a majority of every membership (with us, where we are
+        a member) has promised on, if any."""
+        starts = []
+        for members in self.memberships:
+            needed = majority(members) - (self.node_id in members)
+            if needed <= 0:
+                starts.append(now)
+                continue
+            times = sorted(
+                (t for peer, t in self._promised_at.items() if peer in members), reverse=True
+            )
+            if len(times) < needed:
+                return None
+            starts.append(times[needed - 1])
+        return min(starts)
 
     def _lease_end(self, lease_start: float) -> float:
         return lease_start + self.timing.lease_timeout * (1 - self.timing.max_drift)

@@ -208,7 +208,8 @@ class HealthChecker:
     """Probes the local service every `check_interval` and reports healthy/unhealthy.
 
     Use it from one task: `await checker.run(on_change)` runs until cancelled, calling
-    `on_change(healthy)` synchronously on each transition (never for the initial state,
+    `on_change(healthy)` synchronously on each transition and once at the first verdict
+    (never for the initial state,
     which is `settings.start_healthy`, or True when nothing is probed). Other tasks read
     `checker.state` (an immutable snapshot). Exceptions raised by `on_change` are bugs of
     the caller and propagate.
@@ -227,6 +228,7 @@ class HealthChecker:
             fall=settings.fall,
             healthy=always_healthy or settings.start_healthy,
         )
+        self._verdict_reached = always_healthy or settings.start_healthy
         self._last: CheckResult | None = None
         self._last_wall_time: float | None = None
         self._last_duration: float | None = None
@@ -237,6 +239,17 @@ class HealthChecker:
     @property
     def healthy(self) -> bool:
         return self._hysteresis.healthy
+
+    @property
+    def verdict_pending(self) -> bool:
+        """No verdict yet: a check is configured and the node does not start healthy."""
+        return not self._verdict_reached
+
+    @property
+    def first_verdict_within(self) -> float:
+        """About when the first verdict is due: `rise` passes, the last one may time out."""
+        s = self.settings
+        return s.rise * s.check_interval + s.check_timeout
 
     @property
     def state(self) -> HealthState:
@@ -265,7 +278,8 @@ class HealthChecker:
             await trio.sleep(self._rng.uniform(0, interval * FIRST_CHECK_JITTER_SHARE))
             next_start = trio.current_time()
             while True:
-                if await self._check_and_record():
+                changed = await self._check_and_record()
+                if self._first_verdict(changed) or changed:
                     on_change(self._hysteresis.healthy)
                 # Fixed rate from each check's start; if a check overran (it cannot, as
                 # timeout < interval, but the process may have been paused), skip ahead
@@ -275,6 +289,16 @@ class HealthChecker:
         finally:
             with trio.CancelScope(shield=True):
                 await self.aclose()
+
+    def _first_verdict(self, changed: bool) -> bool:
+        """True once, when the evidence first settles either way (rise passes or fall
+        failures), so a node that started unhealthy learns its verdict is in."""
+        h = self._hysteresis
+        if self._verdict_reached:
+            return False
+        settled = changed or h.consecutive_passes >= h.rise or h.consecutive_failures >= h.fall
+        self._verdict_reached = settled
+        return settled
 
     async def check_once(self) -> CheckResult:
         """Run one probe, record it, and return its result (no transition callback)."""

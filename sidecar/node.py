@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import secrets
 import socket
 import time
 from collections.abc import Callable, Mapping
@@ -36,7 +37,8 @@ from sidecar.election import (
     View,
 )
 from sidecar.messages import Ack, Message
-from sidecar.protocol import MAX_PACKET_SIZE, Codec, MessageTooLarge
+from sidecar.peers import PeerTracker, Verdict
+from sidecar.protocol import MAX_PACKET_SIZE, Codec, Decoded, DropReason, MessageTooLarge, Refused
 from sidecar.transport import ElectionSockets
 
 log = logging.getLogger(__name__)
@@ -50,9 +52,11 @@ _SUBSCRIBER_BUFFER = 64
 
 @dataclass(frozen=True, slots=True)
 class _Packets:
-    """Authenticated messages drained from the socket in one wake-up: (sender, message)."""
+    """Authenticated messages drained from the socket in one wake-up: (sender, message),
+    and the peers that turned out to be new processes (told to the core first)."""
 
     batch: list[tuple[int, Message]]
+    restarted: list[int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,12 +93,22 @@ class Node:
 
     def __init__(self, config: Config, *, rng: random.Random | None = None) -> None:
         self.config = config
+        # Random, not the start time: freshness comes from echoed challenges, so nothing
+        # here depends on the wall clock (see protocol.py).
         self.codec = Codec(
             node_id=config.node_id,
             key=config.cluster_key,
             peer_ids=frozenset(config.peer_addresses),
-            incarnation=time.time_ns(),
+            incarnation=secrets.randbits(63),
+            digests=config.membership_digests,
+            epoch_length=challenge_epoch(config),
+        )
+        self.codec.set_membership(config.membership_digests, config.member_list)
+        self.tracker = PeerTracker(
+            config.peer_addresses,
+            switch_after=config.timing.peer_timeout,
             max_clock_skew=config.max_clock_skew,
+            own_members=config.member_list,
         )
         self._rng = rng or random.Random()
         self.counters = Counters()
@@ -105,6 +119,8 @@ class Node:
         self._lead_scope: trio.CancelScope | None = None
         self._leadership_changed = trio.Event()
         self._healthy_initially = True
+        self._health_allowance: float | None = None
+        self._elections_seen = 0
         self._sockets: ElectionSockets | None = None
         self._stopped = trio.Event()
         #: Called with (peer id, seconds) for every acknowledged heartbeat, e.g. by metrics.
@@ -154,6 +170,12 @@ class Node:
         """Call `listener(event, node)` synchronously for each event; it must not block."""
         self._listeners.append(listener)
 
+    def expect_health_verdict(self, allowance: float) -> None:
+        """Before `run`: the first health verdict is still to come, in about `allowance`
+        seconds; until then the node announces `starting` so peers leave the cold start
+        to it (bounded by startup_grace + allowance)."""
+        self._health_allowance = allowance
+
     def set_healthy(self, healthy: bool) -> None:
         """The local service's health changed; safe to call from any task, never blocks."""
         if self._election is None:
@@ -189,6 +211,9 @@ class Node:
             trio.current_time(),
             self._rng,
             healthy=self._healthy_initially,
+            memberships=self.config.memberships,
+            health_pending=self._health_allowance is not None,
+            health_allowance=self._health_allowance or 0.0,
         )
         log.info(
             "node started",
@@ -196,7 +221,8 @@ class Node:
                 "event": "started",
                 "bind": str(self.config.bind),
                 "members": len(self.config.members),
-                "quorum": self.config.quorum,
+                "quorum": self.config.quorum_text,
+                "incarnation": f"{self.codec.incarnation:016x}",
                 "eligible": self.config.eligible,
                 "profile": self.config.profile,
             },
@@ -230,25 +256,79 @@ class Node:
         drain up to a batch per wake-up: half the scheduling work per packet of Trio's
         awaitable socket methods, which is most of a node's idle CPU.
         """
+        peer_of_socket = self._sockets.peer_of(sock) if self._sockets else None
         while True:
             await trio.lowlevel.wait_readable(sock)
             batch: list[tuple[int, Message]] = []
+            restarted: list[int] = []
             wall = time.time()
+            now = trio.current_time()
             for _ in range(_RECEIVE_BATCH):
                 try:
-                    data = sock.recv(MAX_PACKET_SIZE + 1)
+                    data, source = sock.recvfrom(MAX_PACKET_SIZE + 1)
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError:
                     continue  # e.g. ECONNREFUSED reported for an earlier send: not ours
-                decoded = self.codec.decode(data, wall)
-                if decoded is not None:  # else counted by reason in the codec
-                    batch.append((decoded.sender, decoded.msg))
-            if batch:
+                result = self.codec.decode(data, now=now)
+                if isinstance(result, DropReason):
+                    if result is DropReason.BAD_MAC:
+                        self._bad_mac(peer_of_socket, source, now)
+                    continue
+                if isinstance(result, Refused):
+                    self._refused(result, now, source)
+                    continue
+                if self._admit(result, now, wall, source, restarted):
+                    batch.append((result.sender, result.msg))
+            self._log_warnings()
+            if batch or restarted:
                 self.counters.packets_received += len(batch)
-                await self._inputs_tx.send(_Packets(batch))
+                await self._inputs_tx.send(_Packets(batch, restarted))
             else:
                 await trio.lowlevel.checkpoint()
+
+    def _admit(
+        self, packet: Decoded, now: float, wall: float, source: object, restarted: list[int]
+    ) -> bool:
+        """Pass an accepted packet on only if it is from the peer's current process."""
+        verdict = self.tracker.accepted(
+            packet.sender,
+            packet.incarnation,
+            now,
+            sent_at=packet.sent_at,
+            wall=wall,
+            source=_address_text(source),
+        )
+        if verdict is Verdict.DUPLICATE:
+            self.codec.count_drop(DropReason.DUPLICATE_ID)
+            return False
+        if verdict is Verdict.RESTARTED:
+            log.info(
+                "peer restarted",
+                extra={"event": "peer_restarted", "peer": packet.sender},
+            )
+            restarted.append(packet.sender)
+        return True
+
+    def _refused(self, packet: Refused, now: float, source: object) -> None:
+        if packet.reason is DropReason.CONFIG_MISMATCH:
+            self.tracker.mismatch(packet.sender, now, packet.digests, packet.members)
+        else:
+            self.tracker.refused(
+                packet.sender, packet.incarnation, now, packet.reason, _address_text(source)
+            )
+
+    def _bad_mac(self, peer: int | None, source: object, now: float) -> None:
+        """Attribute a packet that failed the MAC to a peer when it came from its address."""
+        address = _address_text(source)
+        if peer is None and self._sockets is not None:
+            peer = self._sockets.peer_at(source)
+        if peer is not None and address is not None:
+            self.tracker.bad_mac(peer, address, now)
+
+    def _log_warnings(self) -> None:
+        for warning in self.tracker.take_warnings():
+            log.warning(warning.message, extra=warning.fields)
 
     async def _drive(self) -> None:
         """The one task that owns the election core."""
@@ -260,12 +340,15 @@ class Node:
             with trio.move_on_at(deadline):
                 item = await self._inputs_rx.receive()
             now = trio.current_time()
-            before = election.role
             match item:
                 case None:
                     ready = election.tick(now)
-                case _Packets(batch):
+                case _Packets(batch, restarted):
                     ready = Ready()
+                    for sender in restarted:
+                        step = election.peer_restarted(sender, now)
+                        ready.sends += step.sends
+                        ready.events += step.events
                     for sender, msg in batch:
                         step = election.step(sender, msg, now)
                         ready.sends += step.sends
@@ -284,19 +367,35 @@ class Node:
                     self._apply(ready)
                     self._stopped.set()
                     return
-            if election.role is Role.CANDIDATE and before is not Role.CANDIDATE:
-                self.counters.elections += 1
-                log.info("standing for election", extra=self._fields(now, event="candidate"))
+            self._count_elections(now)
             self._apply(ready)
+
+    def _count_elections(self, now: float) -> None:
+        """Every round the core started, even several within one call (churn shows)."""
+        started = self.election.elections - self._elections_seen
+        if started > 0:
+            self._elections_seen = self.election.elections
+            self.counters.elections += started
+            log.info(
+                "standing for election",
+                extra=self._fields(now, event="candidate", rounds=started),
+            )
 
     def _apply(self, ready: Ready) -> None:
         for event in ready.events:
             self._publish(event)
         assert self._sockets is not None
         wall = time.time()
+        now = trio.current_time()
         for out in ready.sends:
             try:
-                data = self.codec.encode(out.msg, out.to, wall)
+                data = self.codec.encode(
+                    out.msg,
+                    out.to,
+                    now=now,
+                    wall=wall,
+                    include_members=self.tracker.wants_members(out.to, now),
+                )
             except MessageTooLarge:
                 log.error("message too large to send", extra={"to": out.to})
                 continue
@@ -374,3 +473,19 @@ class Node:
                 self.counters.events_missed += 1
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._subscribers.remove(subscriber)
+
+
+def challenge_epoch(config: Config) -> float:
+    """How long a challenge lasts: ten heartbeats (1 s with `lan`), at least 0.5 s.
+
+    Packets older than two epochs by the receiver's clock are refused, so this bounds how
+    late a delayed packet may count; peers learn a new epoch from the next heartbeat.
+    """
+    return max(0.5, 10 * config.timing.heartbeat_interval)
+
+
+def _address_text(source: object) -> str | None:
+    if isinstance(source, tuple) and len(source) >= 2:
+        host, port = source[0], source[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return None

@@ -2,14 +2,15 @@
 
 A packet is::
 
-    b"FIP1" | msgpack(Envelope) | HMAC-SHA256(cluster key, b"FIP1" + body)   (32 bytes)
+    b"FIP2" | msgpack(Envelope) | HMAC-SHA256(cluster key, b"FIP2" + body)   (32 bytes)
 
 and never longer than `MAX_PACKET_SIZE` bytes, so it always fits in one UDP datagram
 without IP fragmentation.
 
-This module is sans-IO: no sockets, no clock reads and no trio. The caller passes the wall
-clock in (`wall_now`, seconds since the epoch, i.e. `time.time()`), which keeps every rule
-here testable with plain numbers.
+This module is sans-IO: no sockets, no clock reads and no trio. The caller passes both
+clocks in: `now` (monotonic seconds, for freshness) and `wall` (seconds since the epoch,
+only carried along so peers can report clock offsets), which keeps every rule testable
+with plain numbers.
 
 Why the checks run in the order they do (`Codec.decode`):
 
@@ -19,28 +20,37 @@ Why the checks run in the order they do (`Codec.decode`):
   holders of the cluster key can make a packet that reaches the msgpack parser, so a
   parser bug or a pathological body can only be triggered by a cluster member, never by
   anyone who can merely send UDP to the port.
-* Addressing, freshness and replay come last, and the replay window is only updated once
-  every other check has passed, so a packet that is dropped for any other reason cannot
-  burn a counter that a genuine packet will need later.
+* Addressing, freshness, membership and replay come last, and the replay window is only
+  updated once every other check has passed, so a packet that is dropped for any other
+  reason cannot burn a counter that a genuine packet will need later.
 
-Replay protection, and what it does not cover:
+Freshness without the wall clock (why, and what it costs):
 
-* Every envelope carries the sender's `incarnation` (the wall clock in nanoseconds when
-  that process started, so it grows across restarts without any state on disk) and a
-  per-receiver `counter` that starts at 1 for every incarnation.
-* A receiver keeps, per sender, the newest incarnation it has seen, the highest counter and
-  a 64-entry sliding bitmap below it. Each counter is accepted at most once; modest
-  reordering (up to 63 packets) is accepted; anything older is dropped as a replay.
-* `sent_at` bounds how long a captured packet is useful at all: a packet whose `sent_at` is
-  more than `max_clock_skew` away from the receiver's clock is `stale`. This is also what
-  lets replay state be forgotten safely (see `_Window.admits_incarnation`).
-* Residual window: a receiver that restarts forgets its replay state. A packet addressed to
-  it that was captured within the last `max_clock_skew` seconds can then be replayed to the
-  new process once (its window then refuses the repeat). Closing this would need the
-  receiver's incarnation in every packet, i.e. a handshake after each restart. A smaller
-  `max_clock_skew` shrinks that window; clocks kept in sync by NTP allow a few seconds.
-  The election tolerates this: a restarted node casts no vote for one lease timeout, and
-  a replayed heartbeat only repeats what a live peer said moments before.
+* Every process picks a random 63-bit `incarnation` at start, and numbers its *challenge
+  epochs* on its own monotonic clock (a new epoch every `epoch_length` seconds). Every
+  envelope carries the sender's (incarnation, epoch) and *echoes* the receiver's newest
+  (incarnation, epoch) pairs the sender has seen (at most two incarnations, so a restart
+  or a second process with the same id never starves the genuine one).
+* A receiver accepts a packet only if it echoes the receiver's own incarnation with its
+  current or previous epoch. So every accepted packet was made during the receiver's
+  present lifetime and less than two epochs ago *by the receiver's own clock*. Within that,
+  the per-(sender, incarnation) counter and its 64-slot window accept each packet once.
+  A window may be forgotten once nothing from its incarnation was accepted for two epochs:
+  every packet it ever accepted then echoes an epoch that is no longer accepted.
+* Result: replays are refused across restarts of either side (the old design had a
+  residual window of `max_clock_skew` after a receiver restarted), and no wall-clock step,
+  skew or correction can make a genuine peer's packets stale or lock a restarted node out.
+  The cost is one round trip after a restart or a long partition: a node must hear a
+  peer's challenge before its packets count (its first packets are dropped as `stale`),
+  and a link that loses everything in one direction for two epochs goes silent both ways,
+  which is what an election needs to see anyway.
+* Packets also carry the sender's *membership digests* (see `membership_digest`). A packet
+  whose digests share none with the receiver's is refused as `config_mismatch`: nodes that
+  disagree on who the members are never count, follow or vote for each other. Packets to a
+  peer known to disagree also carry the sender's member list, so both can say how.
+* `decode` never raises. What fails before or at the MAC is just counted; a packet that is
+  authentic but refused (stale, mismatch, replay) comes back as `Refused`, with what the
+  runtime needs to explain it (who sent it, which process, which membership).
 """
 
 from __future__ import annotations
@@ -64,6 +74,7 @@ from sidecar.messages import Message
 
 __all__ = [
     "MAGIC",
+    "MAX_ECHOES",
     "MAX_PACKET_SIZE",
     "MESSAGE_TYPES",
     "MIN_KEY_BYTES",
@@ -76,14 +87,16 @@ __all__ = [
     "EncodeError",
     "Envelope",
     "MessageTooLarge",
+    "Refused",
     "generate_cluster_key",
+    "membership_digest",
     "parse_cluster_key",
 ]
 
-MAGIC = b"FIP1"
+MAGIC = b"FIP2"
 """Marks our packets; bump the digit together with `PROTOCOL_VERSION` on a breaking change."""
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 TAG_SIZE = hashlib.sha256().digest_size  # 32
 MAX_PACKET_SIZE = 512
 """Small enough never to be fragmented (IPv4 guarantees 576-byte datagrams)."""
@@ -97,6 +110,15 @@ MIN_KEY_BYTES = 32
 REPLAY_WINDOW = 64
 """How far below the highest counter seen a late packet is still accepted (once)."""
 
+MAX_ECHOES = 2
+"""Incarnations of one peer whose challenges a node echoes: the newest two it has heard, so
+a restarted peer and (briefly) its predecessor, or a genuine node and a duplicate, all keep
+receiving packets they accept."""
+
+_WINDOWS_PER_SENDER = 4
+"""Replay windows kept per sender (one per incarnation heard in the last two epochs)."""
+
+_U63 = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
 _WINDOW_MASK = (1 << REPLAY_WINDOW) - 1
 
 MESSAGE_TYPES: tuple[type[Message], ...] = typing.get_args(Message)
@@ -115,7 +137,9 @@ class DropReason(StrEnum):
     FROM_SELF = "from_self"
     WRONG_RECEIVER = "wrong_receiver"
     STALE = "stale"
+    CONFIG_MISMATCH = "config_mismatch"
     REPLAY = "replay"
+    DUPLICATE_ID = "duplicate_id"  # counted by the runtime: a second process with one id
 
 
 class EncodeError(ValueError):
@@ -126,74 +150,82 @@ class MessageTooLarge(EncodeError):
     """The encoded packet would exceed `MAX_PACKET_SIZE` (e.g. a very long reason string)."""
 
 
-class Envelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class Envelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
     """The authenticated body of every packet.
 
     `receiver` is inside the MAC so a packet captured on its way to one node cannot be
-    replayed to another; `sender` is inside so nobody can speak for someone else.
+    replayed to another; `sender` is inside so nobody can speak for someone else. `echo`
+    holds the receiver's (incarnation, epoch) pairs as the sender last heard them.
+    `members` is only sent to a peer whose membership differs: (id, eligible) pairs.
     """
 
     version: int
     sender: int
     receiver: int
-    incarnation: Annotated[int, msgspec.Meta(ge=0)]
+    incarnation: _U63
+    epoch: Annotated[int, msgspec.Meta(ge=0)]
     counter: Annotated[int, msgspec.Meta(ge=1)]  # per (sender incarnation, receiver)
+    echo: Annotated[tuple[tuple[_U63, int], ...], msgspec.Meta(max_length=MAX_ECHOES)]
+    digests: Annotated[tuple[int, ...], msgspec.Meta(min_length=1, max_length=2)]
     sent_at: float
+    msg: Message
+    members: tuple[tuple[int, bool], ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Authentic:
+    """What an authentic packet says about its sender, accepted or not."""
+
+    sender: int
+    incarnation: int
+    sent_at: float  # the sender's wall clock: for clock-offset reports only
+    digests: tuple[int, ...]
+    members: tuple[tuple[int, bool], ...] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded(_Authentic):
+    """A packet that passed every check: `msg` may be given to the election."""
+
     msg: Message
 
 
 @dataclass(frozen=True, slots=True)
-class Decoded:
-    """A packet that passed every check.
+class Refused(_Authentic):
+    """An authentic packet that must not reach the election, and why (already counted)."""
 
-    `sent_at` is the sender's wall clock (for logs and rough one-way delay only; never use it
-    for election timing). `incarnation` changes when the sender process restarts, so the
-    consumer can reset anything it tracks per peer process (e.g. sequence numbers).
-    """
-
-    sender: int
-    msg: Message
-    sent_at: float
-    incarnation: int
+    reason: DropReason
 
 
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(Envelope)
 
 
-class _Window:
-    """Replay state for one sender: newest incarnation, highest counter, 64-bit bitmap.
+def membership_digest(cluster_name: str, members: Iterable[tuple[int, bool]]) -> int:
+    """A 63-bit digest of one membership: the cluster's name and every (id, eligible).
 
-    Bit i of `seen` set means counter `highest - i` was accepted in `incarnation`.
+    Two nodes agree on quorum arithmetic exactly when they share a digest, so this is what
+    every packet carries; the member list itself only travels when digests differ.
+    """
+    canonical = msgspec.json.encode([cluster_name, sorted((int(i), bool(e)) for i, e in members)])
+    return int.from_bytes(hashlib.sha256(canonical).digest()[:8], "big") >> 1
+
+
+class _Window:
+    """Replay state for one (sender, incarnation): highest counter and a 64-bit bitmap.
+
+    Bit i of `seen` set means counter `highest - i` was accepted.
     """
 
-    __slots__ = ("highest", "incarnation", "last_accepted_at", "seen")
+    __slots__ = ("highest", "last_accepted", "seen")
 
-    def __init__(self, incarnation: int) -> None:
-        self.incarnation = incarnation
+    def __init__(self) -> None:
         self.highest = 0
         self.seen = 0
-        self.last_accepted_at = -math.inf
+        self.last_accepted = -math.inf
 
-    def admits_incarnation(self, incarnation: int, wall_now: float, forget_after: float) -> bool:
-        """Whether a packet from `incarnation` may be looked at at all.
-
-        Equal or newer: yes. Older: normally no (it is from a process that has been
-        replaced). But if nothing from this sender was accepted for `forget_after` seconds
-        (twice the allowed clock skew), every packet of the remembered incarnation is now
-        stale by its own `sent_at`, so the memory protects nothing and may be dropped. This
-        matters when a sender's clock stepped back across a restart: its new incarnation is
-        then *lower* than the old one, and without this rule it would be locked out until
-        the receiver itself restarted.
-        """
-        if incarnation >= self.incarnation:
-            return True
-        return wall_now - self.last_accepted_at > forget_after
-
-    def check(self, incarnation: int, counter: int) -> bool:
-        """Whether (incarnation, counter) is new; pure, does not record it."""
-        if incarnation != self.incarnation:
-            return True  # newer (or admitted older) incarnation: a fresh window
+    def check(self, counter: int) -> bool:
+        """Whether `counter` is new; pure, does not record it."""
         if counter > self.highest:
             return True
         offset = self.highest - counter
@@ -201,12 +233,11 @@ class _Window:
             return False
         return not (self.seen >> offset) & 1
 
-    def record(self, incarnation: int, counter: int, wall_now: float) -> None:
+    def record(self, counter: int, now: float) -> None:
         """Remember an accepted packet; call only after `check` and every other test passed."""
-        if incarnation != self.incarnation or counter - self.highest >= REPLAY_WINDOW:
-            # A new process, or a jump past the whole window: nothing below is remembered.
-            # (Never shift by the jump itself: a counter near 2**64 would need exabytes.)
-            self.incarnation = incarnation
+        if counter - self.highest >= REPLAY_WINDOW:
+            # A jump past the whole window: nothing below is remembered. (Never shift by the
+            # jump itself: a counter near 2**64 would need exabytes.)
             self.highest = counter
             self.seen = 1
         elif counter > self.highest:
@@ -214,14 +245,16 @@ class _Window:
             self.highest = counter
         else:  # check() guaranteed 0 < highest - counter < REPLAY_WINDOW
             self.seen |= 1 << (self.highest - counter)
-        self.last_accepted_at = wall_now
+        self.last_accepted = now
 
 
 class Codec:
     """One node's encoder/decoder: signs outgoing packets, checks and counts incoming ones.
 
     Not thread-safe and not meant to be: one task owns it (the node's socket loop).
-    `decode` never raises, whatever the bytes; it returns None and counts a `DropReason`.
+    `decode` never raises, whatever the bytes; it returns `Decoded`, `Refused` (authentic
+    but not acceptable) or the `DropReason` of a packet that is not authentic, and counts
+    every drop by reason.
     """
 
     def __init__(
@@ -230,26 +263,31 @@ class Codec:
         key: bytes,
         peer_ids: Iterable[int],
         incarnation: int,
-        max_clock_skew: float = 60.0,
+        *,
+        digests: Iterable[int] = (0,),
+        epoch_length: float = 1.0,
+        now: float = 0.0,
     ) -> None:
         if len(key) < MIN_KEY_BYTES:
             raise ValueError(f"cluster key must be at least {MIN_KEY_BYTES} bytes, got {len(key)}")
-        peers = frozenset(peer_ids)
-        if node_id in peers:
-            raise ValueError(f"peer_ids must not contain this node's own id {node_id}")
-        if incarnation < 0:
-            raise ValueError(f"incarnation must be >= 0, got {incarnation}")
-        if not (math.isfinite(max_clock_skew) and max_clock_skew > 0):
-            raise ValueError(f"max_clock_skew must be a positive number, got {max_clock_skew}")
+        if not 0 <= incarnation < 1 << 63:
+            raise ValueError(f"incarnation must be in [0, 2**63), got {incarnation}")
+        if not (math.isfinite(epoch_length) and epoch_length > 0):
+            raise ValueError(f"epoch_length must be a positive number, got {epoch_length}")
         self._node_id = node_id
-        self._peers = peers
         self._incarnation = incarnation
-        self._max_clock_skew = float(max_clock_skew)
+        self._epoch_length = float(epoch_length)
+        self._epoch_origin = now
         # Keyed once; .copy() per packet skips re-deriving the HMAC pads.
         self._mac = hmac.new(bytes(key), digestmod=hashlib.sha256)
-        # Per-receiver counters: a peer's window is not diluted by traffic to other peers.
-        self._counters: dict[int, int] = dict.fromkeys(peers, 0)
-        self._windows: dict[int, _Window] = {}
+        self._peers: frozenset[int] = frozenset()
+        self._counters: dict[int, int] = {}
+        self._learned: dict[int, dict[int, int]] = {}  # peer -> {incarnation: newest epoch}
+        self._windows: dict[int, dict[int, _Window]] = {}  # sender -> {incarnation: window}
+        self._digests: tuple[int, ...] = ()
+        self._members: tuple[tuple[int, bool], ...] = ()
+        self.set_peers(peer_ids)
+        self.set_membership(tuple(digests), ())
         self._drops: dict[DropReason, int] = dict.fromkeys(DropReason, 0)
         self._drops_view: Mapping[DropReason, int] = types.MappingProxyType(self._drops)
         self._accepted = 0
@@ -267,6 +305,10 @@ class Codec:
         return self._incarnation
 
     @property
+    def digests(self) -> tuple[int, ...]:
+        return self._digests
+
+    @property
     def drops(self) -> Mapping[DropReason, int]:
         """Read-only live view: reason -> packets dropped for it (every reason present)."""
         return self._drops_view
@@ -276,8 +318,47 @@ class Codec:
         """Packets that passed every check."""
         return self._accepted
 
-    def encode(self, msg: Message, receiver: int, wall_now: float) -> bytes:
-        """Wrap `msg` for `receiver`, stamped with `wall_now` (seconds, `time.time()`).
+    def count_drop(self, reason: DropReason) -> None:
+        """Count a drop decided outside the codec (e.g. `DUPLICATE_ID` by the runtime)."""
+        self._drops[reason] += 1
+
+    def set_peers(self, peer_ids: Iterable[int]) -> None:
+        """Change who may send and receive (a live membership change); state of others kept."""
+        peers = frozenset(peer_ids)
+        if self._node_id in peers:
+            raise ValueError(f"peer_ids must not contain this node's own id {self._node_id}")
+        self._peers = peers
+        self._counters = {p: self._counters.get(p, 0) for p in peers}
+        for gone in set(self._learned) - peers:
+            del self._learned[gone]
+        for gone in set(self._windows) - peers:
+            del self._windows[gone]
+
+    def set_membership(self, digests: tuple[int, ...], members: Iterable[tuple[int, bool]]) -> None:
+        """Our membership digests (one, or two while a change is rolled out) and member list."""
+        if not 1 <= len(digests) <= 2:
+            raise ValueError("a node has one membership digest, or two during a change")
+        self._digests = digests
+        self._members = tuple(sorted((int(i), bool(e)) for i, e in members))
+
+    def epoch(self, now: float) -> int:
+        """Our challenge epoch at `now` (monotonic): a pure function of the clock."""
+        return max(0, int((now - self._epoch_origin) // self._epoch_length))
+
+    def knows(self, peer: int) -> bool:
+        """Whether we have heard `peer`'s challenge, i.e. whether it can accept our packets."""
+        return bool(self._learned.get(peer))
+
+    def encode(
+        self,
+        msg: Message,
+        receiver: int,
+        *,
+        now: float,
+        wall: float,
+        include_members: bool = False,
+    ) -> bytes:
+        """Wrap `msg` for `receiver` at monotonic `now`, stamped with `wall` (`time.time()`).
 
         Raises `EncodeError` for an unknown receiver, a non-message or a non-finite time,
         and `MessageTooLarge` if the packet would exceed `MAX_PACKET_SIZE`; both are bugs
@@ -288,17 +369,22 @@ class Codec:
             raise EncodeError(f"not an election message: {type(msg).__name__}")
         if receiver not in self._peers:
             raise EncodeError(f"receiver {receiver} is not a peer of node {self._node_id}")
-        if not math.isfinite(wall_now):
-            raise EncodeError(f"wall_now must be finite, got {wall_now}")
+        if not (math.isfinite(wall) and math.isfinite(now)):
+            raise EncodeError(f"now and wall must be finite, got {now}, {wall}")
         counter = self._counters[receiver] + 1
+        learned = self._learned.get(receiver, {})
         envelope = Envelope(
             version=PROTOCOL_VERSION,
             sender=self._node_id,
             receiver=receiver,
             incarnation=self._incarnation,
+            epoch=self.epoch(now),
             counter=counter,
-            sent_at=float(wall_now),
+            echo=tuple(learned.items()),
+            digests=self._digests,
+            sent_at=float(wall),
             msg=msg,
+            members=self._members if include_members else None,
         )
         signed = MAGIC + _ENCODER.encode(envelope)
         size = len(signed) + TAG_SIZE
@@ -309,17 +395,22 @@ class Codec:
         self._counters[receiver] = counter
         return signed + self._tag(signed)
 
-    def decode(self, data: bytes | bytearray | memoryview, wall_now: float) -> Decoded | None:
-        """Check one received datagram; return it decoded, or None after counting the drop."""
-        reason_or_envelope = self._check(data, wall_now)
-        if isinstance(reason_or_envelope, DropReason):
-            self._drops[reason_or_envelope] += 1
-            return None
-        env = reason_or_envelope
+    def decode(
+        self, data: bytes | bytearray | memoryview, *, now: float
+    ) -> Decoded | Refused | DropReason:
+        """Check one received datagram at monotonic `now`; every drop is counted by reason.
+
+        Only a `Decoded` may reach the election. A `Refused` was authentic (the runtime can
+        explain it); a bare `DropReason` was not, or was not even a packet of ours."""
+        checked = self._check(data, now)
+        if isinstance(checked, DropReason):
+            self._drops[checked] += 1
+            return checked
+        if isinstance(checked, Refused):
+            self._drops[checked.reason] += 1
+            return checked
         self._accepted += 1
-        return Decoded(
-            sender=env.sender, msg=env.msg, sent_at=env.sent_at, incarnation=env.incarnation
-        )
+        return checked
 
     def _tag(self, signed: bytes) -> bytes:
         mac = self._mac.copy()
@@ -327,8 +418,8 @@ class Codec:
         return mac.digest()
 
     def _check(
-        self, data: bytes | bytearray | memoryview, wall_now: float
-    ) -> DropReason | Envelope:
+        self, data: bytes | bytearray | memoryview, now: float
+    ) -> DropReason | Refused | Decoded:
         """Every test in order; updates replay state only when the packet is accepted."""
         size = memoryview(data).nbytes  # len() of a memoryview counts items, not bytes
         if size < MIN_PACKET_SIZE:
@@ -355,20 +446,62 @@ class Codec:
             return DropReason.UNKNOWN_SENDER
         if env.receiver != self._node_id:
             return DropReason.WRONG_RECEIVER
-        # Written as "not within" so that a NaN on either side counts as stale.
-        if not abs(wall_now - env.sent_at) <= self._max_clock_skew:
-            return DropReason.STALE
-        window = self._windows.get(env.sender)
-        if window is not None and not window.admits_incarnation(
-            env.incarnation, wall_now, 2 * self._max_clock_skew
+        self._learn(env.sender, env.incarnation, env.epoch)
+        refusal = self._refusal(env, now)
+        if refusal is not None:
+            return Refused(
+                env.sender, env.incarnation, env.sent_at, env.digests, env.members, refusal
+            )
+        windows = self._windows.setdefault(env.sender, {})
+        window = windows.get(env.incarnation)
+        if window is None:
+            self._forget_idle_windows(windows, now)
+            window = windows[env.incarnation] = _Window()
+        if not window.check(env.counter):
+            return Refused(
+                env.sender,
+                env.incarnation,
+                env.sent_at,
+                env.digests,
+                env.members,
+                DropReason.REPLAY,
+            )
+        window.record(env.counter, now)
+        return Decoded(env.sender, env.incarnation, env.sent_at, env.digests, env.members, env.msg)
+
+    def _refusal(self, env: Envelope, now: float) -> DropReason | None:
+        # Written so that anything odd (an epoch from the future, a NaN) is refused too.
+        current = self.epoch(now)
+        if not any(
+            inc == self._incarnation and current - 1 <= epoch <= current for inc, epoch in env.echo
         ):
             return DropReason.STALE
-        if window is not None and not window.check(env.incarnation, env.counter):
-            return DropReason.REPLAY
-        if window is None:
-            window = self._windows[env.sender] = _Window(env.incarnation)
-        window.record(env.incarnation, env.counter, wall_now)
-        return env
+        if not set(env.digests) & set(self._digests):
+            return DropReason.CONFIG_MISMATCH
+        return None
+
+    def _learn(self, peer: int, incarnation: int, epoch: int) -> None:
+        """Remember `peer`'s newest challenge per incarnation, for the newest two incarnations.
+
+        Learned even from packets we then refuse: after a restart or a partition that is the
+        only way both sides get back to packets the other accepts. A replayed old packet can
+        at worst add an old incarnation beside the live one, which is still echoed.
+        """
+        learned = self._learned.setdefault(peer, {})
+        # Re-inserted on every packet, so the dict's order is "least recently heard first".
+        learned[incarnation] = max(learned.pop(incarnation, epoch), epoch)
+        while len(learned) > MAX_ECHOES:
+            del learned[next(iter(learned))]
+
+    def _forget_idle_windows(self, windows: dict[int, _Window], now: float) -> None:
+        """Drop windows idle for over two epochs (all their packets are now stale), and keep
+        at most `_WINDOWS_PER_SENDER` (the least recently used go first)."""
+        horizon = 2 * self._epoch_length
+        for key in [k for k, w in windows.items() if now - w.last_accepted > horizon]:
+            del windows[key]
+        while len(windows) >= _WINDOWS_PER_SENDER:
+            oldest = min(windows, key=lambda k: windows[k].last_accepted)
+            del windows[oldest]
 
 
 def generate_cluster_key() -> str:

@@ -69,6 +69,8 @@ async def serve(config: Config) -> None:
 
     health = HealthChecker(config.health)
     node.set_healthy(health.healthy)
+    if health.verdict_pending:
+        node.expect_health_verdict(health.first_verdict_within)
     metrics.watch_health(health)
     app.add_section("health", lambda: msgspec.to_builtins(health.state))
 

@@ -46,6 +46,16 @@ class ElectionSockets:
             raise
         return sockets
 
+    def peer_of(self, sock: socket.socket) -> int | None:
+        """The peer a connected socket belongs to (None for the catch-all)."""
+        return next((p for p, s in self.peers.items() if s is sock), None)
+
+    def peer_at(self, source: object) -> int | None:
+        """The peer whose configured address `source` (a recvfrom address) is, if any."""
+        if not isinstance(source, tuple):
+            return None
+        return next((p for p, a in self.addresses.items() if a == tuple(source[:2])), None)
+
     def readable(self) -> list[socket.socket]:
         return [self.catch_all, *self.peers.values()]
 

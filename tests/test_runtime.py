@@ -195,10 +195,11 @@ def _forged_packets(cluster: LocalCluster, term: int) -> list[tuple[int, bytes]]
     for size in (0, 1, 7, 64, 200, 1400, 9000):
         packets.append((1, os.urandom(size)))
     wall = time.time()
+    mono = time.monotonic()
     as_node_2 = Codec(2, wrong_key, [1, 3], incarnation=time.time_ns())
     as_node_1 = Codec(1, wrong_key, [2, 3], incarnation=time.time_ns())
     for _ in range(3):
-        packets.append((1, as_node_2.encode(Resign(term + 10, "forged"), 1, wall)))
+        packets.append((1, as_node_2.encode(Resign(term + 10, "forged"), 1, now=mono, wall=wall)))
         packets.append(
             (
                 1,
@@ -214,12 +215,13 @@ def _forged_packets(cluster: LocalCluster, term: int) -> list[tuple[int, bytes]]
                         ready_to_preempt=True,
                     ),
                     1,
-                    wall,
+                    now=mono,
+                    wall=wall,
                 ),
             )
         )
-        packets.append((3, as_node_2.encode(VoteRequest(term + 10, 1), 3, wall)))
-        packets.append((2, as_node_1.encode(Resign(term + 10, "forged"), 2, wall)))
+        packets.append((3, as_node_2.encode(VoteRequest(term + 10, 1), 3, now=mono, wall=wall)))
+        packets.append((2, as_node_1.encode(Resign(term + 10, "forged"), 2, now=mono, wall=wall)))
     return packets
 
 

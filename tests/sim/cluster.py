@@ -281,7 +281,7 @@ class Simulation:
         node: SimNode,
         election: Election,
         local: float,
-        promise_before: tuple[int, float] | None,
+        promise_before: tuple[int | None, float] | None,
     ) -> None:
         promise_after = election.promise_at(local)
         # Majorities can only shrink when a promise is dropped, cut short or moved, and
@@ -335,7 +335,10 @@ class Simulation:
         if promise is None:
             return False
         promised_to, promised_until = promise
-        return promised_to == leader and node.clock.true_time_of(promised_until) >= until - EPSILON
+        # A promise to a replaced process (None) blocks every vote, so it backs anyone's lease.
+        return promised_to in (leader, None) and (
+            node.clock.true_time_of(promised_until) >= until - EPSILON
+        )
 
     # ------------------------------------------------------------------ queries
 
