@@ -191,6 +191,14 @@ class RequestBudget:
         self._urgent_hour = _urgent_share(per_hour)
         self._sent: deque[float] = deque()
 
+    def set_limits(self, per_minute: int, per_hour: int) -> None:
+        """New limits (a reload); requests already sent stay counted."""
+        if per_minute < 1 or per_hour < 1:
+            raise ValueError("a request budget needs at least one request per window")
+        self.per_minute, self.per_hour = per_minute, per_hour
+        self._urgent_minute = _urgent_share(per_minute)
+        self._urgent_hour = _urgent_share(per_hour)
+
     def _forget_old(self, now: float) -> None:
         while self._sent and self._sent[0] <= now - self.HOUR:
             self._sent.popleft()
@@ -316,6 +324,11 @@ class Assigner:
         self._failures = 0
 
     # ------------------------------------------------------------------ public
+
+    def update_settings(self, settings: AssignerSettings) -> None:
+        """A reload: intervals and delays apply from the next wait, budget limits at once."""
+        self._settings = settings
+        self._budget.set_limits(settings.requests_per_minute, settings.requests_per_hour)
 
     def snapshot(self) -> AssignerSnapshot:
         minute, hour = self._budget.used()

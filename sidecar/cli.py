@@ -7,6 +7,7 @@ also usable (and tested) as a library. Config mistakes exit 2 with one line nami
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from collections.abc import Sequence
@@ -160,7 +161,7 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     logs.setup(args.log_level or loaded.log_level, node_id=loaded.node_id)
     try:
-        trio.run(service.serve, loaded)
+        trio.run(functools.partial(service.serve, loaded, reload=lambda: config.load(args.config)))
     except (OSError, service.StartupError, TokenError) as exc:
         log.error("cannot start", extra={"event": "fatal", "error": str(exc)})
         print(f"fip-sidecar: cannot start: {exc}", file=sys.stderr)

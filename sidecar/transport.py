@@ -28,23 +28,45 @@ class ElectionSockets:
     peers: dict[int, socket.socket] = field(default_factory=dict)
     addresses: dict[int, tuple[str, int]] = field(default_factory=dict)
 
+    bind: tuple[str, int] = ("", 0)
+
     @classmethod
     def open(cls, bind: tuple[str, int], peers: Mapping[int, tuple[str, int]]) -> ElectionSockets:
         family = socket.AF_INET6 if ":" in bind[0] else socket.AF_INET
-        sockets = cls(_bound(family, bind), addresses=dict(peers))
+        sockets = cls(_bound(family, bind), bind=bind)
         try:
-            for peer_id, address in peers.items():
-                try:
-                    sock = _bound(family, bind)
-                except OSError as exc:  # no SO_REUSEPORT here: share the catch-all socket
-                    log.warning("per-peer sockets unavailable", extra={"error": str(exc)})
-                    break
-                sockets.peers[peer_id] = sock
-                sock.connect(address)
+            sockets.update(peers)
         except OSError:
             sockets.close()
             raise
         return sockets
+
+    def update(
+        self, peers: Mapping[int, tuple[str, int]]
+    ) -> tuple[list[socket.socket], list[socket.socket]]:
+        """Follow a new peer list (a reload): reconnect moved peers, open sockets for new
+        ones, close those of removed ones. Returns (opened, closed) for the receive tasks."""
+        opened: list[socket.socket] = []
+        closed: list[socket.socket] = []
+        for peer_id in set(self.peers) - set(peers):
+            sock = self.peers.pop(peer_id)
+            closed.append(sock)
+        for peer_id in set(self.addresses) - set(peers):
+            del self.addresses[peer_id]
+        family = self.catch_all.family
+        for peer_id, address in peers.items():
+            self.addresses[peer_id] = address
+            if peer_id not in self.peers:
+                try:
+                    self.peers[peer_id] = _bound(family, self.bind)
+                except OSError as exc:  # no SO_REUSEPORT here: share the catch-all socket
+                    log.warning("per-peer sockets unavailable", extra={"error": str(exc)})
+                    continue
+                opened.append(self.peers[peer_id])
+            self.peers[peer_id].connect(
+                address
+            )  # reconnecting a UDP socket just moves it to the new peer
+        return opened, closed
 
     def peer_of(self, sock: socket.socket) -> int | None:
         """The peer a connected socket belongs to (None for the catch-all)."""
