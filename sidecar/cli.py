@@ -138,8 +138,14 @@ def _check_config(args: argparse.Namespace) -> int:
     print(f"ok: {loaded.source}")
     print(
         f"  node {loaded.node_id} ({'eligible' if loaded.eligible else 'witness'}), "
-        f"{len(loaded.members)} members, quorum {loaded.quorum}"
+        f"{len(loaded.members)} members, quorum {loaded.quorum_text}"
     )
+    if loaded.changing_membership:
+        old, new = (sorted(m) for m in loaded.memberships)
+        print(
+            f"  membership change in progress: {old} -> {new}; finish it once every member "
+            "runs this transition config (README: Changing membership)"
+        )
     print(
         f"  profile {loaded.profile}: heartbeat {timing.heartbeat_interval}s, "
         f"lease {timing.lease_timeout}s, preempt {timing.preempt} after {timing.preempt_delay}s"
