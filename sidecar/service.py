@@ -10,25 +10,40 @@ from __future__ import annotations
 import logging
 import random
 import signal
+import socket
 
 import msgspec
 import trio
 
 from sidecar.assigner import Assigner
-from sidecar.config import Config
-from sidecar.digitalocean import DigitalOceanClient, ProviderError, load_token
+from sidecar import files
+from sidecar.config import Address, Config
+from sidecar.digitalocean import DigitalOceanClient, ProviderError, TokenSource
 from sidecar.election import Event, GainedLeadership, LeaderChanged, LostLeadership
 from sidecar.health import HealthChecker
 from sidecar.hooks import HookRunner
 from sidecar.metrics import Metrics
 from sidecar.node import EventListener, Node
 from sidecar.status import StatusApp, serve_status
+from sidecar.transport import bind_problem
 
 log = logging.getLogger(__name__)
 
 
 class StartupError(Exception):
     """The sidecar cannot start (e.g. the droplet id cannot be discovered); exit non-zero."""
+
+
+def _check_status_port(listen: Address) -> None:
+    """Fail before the node speaks if the status port is taken: a process that joins the
+    election and dies a moment later costs the cluster more than one that never started."""
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
+            probe.bind((listen.host, listen.port))
+    except OSError as exc:
+        raise StartupError(f"status_listen: {listen} {bind_problem(exc)}") from None
 
 
 def _hook_listener(hooks: HookRunner) -> EventListener:
@@ -60,7 +75,15 @@ async def _droplet_id(config: Config, client: DigitalOceanClient) -> int:
 
 
 async def serve(config: Config) -> None:
-    """Run the sidecar until SIGTERM/SIGINT; a leader resigns before the process ends."""
+    """Run the sidecar until SIGTERM/SIGINT; a leader resigns before the process ends.
+
+    What can be checked before the node joins the election is checked first (the status
+    port, the API token), so those mistakes end the process before it sends a packet.
+    """
+    for warning in files.permission_warnings(config):
+        log.warning(warning.message, extra={"event": "insecure_file", "key": warning.key})
+    _check_status_port(config.status_listen)
+    tokens = None if config.floating_ip is None else TokenSource(config.digitalocean)
     node = Node(config)
     metrics = Metrics()
     metrics.watch(node)
@@ -90,12 +113,13 @@ async def serve(config: Config) -> None:
         await nursery.start(serve_status, app, config.status_listen)
         nursery.start_soon(health.run, node.set_healthy)
         nursery.start_soon(hooks.run)
-        if config.floating_ip is not None:
-            await nursery.start(_run_assigner, config, node, metrics, app)
+        if tokens is not None:
+            await nursery.start(_run_assigner, config, tokens, node, metrics, app)
 
 
 async def _run_assigner(
     config: Config,
+    tokens: TokenSource,
     node: Node,
     metrics: Metrics,
     app: StatusApp,
@@ -103,8 +127,7 @@ async def _run_assigner(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     assert config.floating_ip is not None
-    token = load_token(config.digitalocean)
-    async with DigitalOceanClient(config.digitalocean, token) as client:
+    async with DigitalOceanClient(config.digitalocean, tokens) as client:
         droplet_id = await _droplet_id(config, client)
         assigner = Assigner(
             client,
@@ -114,6 +137,7 @@ async def _run_assigner(
             config.assigner,
             random.Random(),
             metrics,
+            tokens=tokens,
         )
         app.add_section("floating_ip", lambda: msgspec.to_builtins(assigner.snapshot()))
         task_status.started()
