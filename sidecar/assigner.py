@@ -19,10 +19,10 @@ says; 401/403/404 are configuration problems, logged at ERROR and retried slowly
 (`config_error_retry_interval`), but a fix is picked up without a restart and without
 waiting that out: a 401/403 re-reads the token file at once, and while it waits the
 assigner checks every second (a stat, no API request) whether the token file changed, and
-stops waiting when `retry_now()` is called (a config reload). Independently of all that, a sliding-window
-request budget keeps one node well below DigitalOcean's per-token limits (250/minute,
-5,000/hour) even in a failure storm: a request waits for room in the budget rather than
-exceed it.
+stops waiting when `retry_now()` is called (a config reload). Independently of all that,
+a sliding-window request budget keeps one node well below DigitalOcean's per-token
+limits (250/minute, 5,000/hour) even in a failure storm: a request waits for room in the
+budget rather than exceed it.
 """
 
 from __future__ import annotations

@@ -193,9 +193,7 @@ def load_token(
                 raw = handle.read(8192)
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
-            raise TokenError(
-                f"digitalocean.token_file: cannot read {path!r}: {reason}"
-            ) from None
+            raise TokenError(f"digitalocean.token_file: cannot read {path!r}: {reason}") from None
         except UnicodeDecodeError:
             raise TokenError(f"digitalocean.token_file: {path!r} is not UTF-8 text") from None
         value, where = raw.strip(), f"digitalocean.token_file {path!r}"
@@ -536,8 +534,9 @@ class DigitalOceanClient:
 
     Use it as `async with DigitalOceanClient(settings, token) as client:` or call
     `aclose()`; `token` is an `APIToken`, or a `TokenSource` whose current token each
-    request carries (so a refreshed token is used from the next request on). `transport` replaces the network (an `httpx.ASGITransport` over the
-    emulator, or an `httpx.MockTransport`); it also serves metadata unless
+    request carries (so a refreshed token is used from the next request on). `transport`
+    replaces the network (an `httpx.ASGITransport` over the emulator, or an
+    `httpx.MockTransport`); it also serves metadata unless
     `metadata_transport` is given. `on_response` is told about every request.
     `wall_clock` (epoch seconds) turns `ratelimit-reset` into a delay.
 

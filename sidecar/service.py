@@ -15,8 +15,8 @@ import socket
 import msgspec
 import trio
 
-from sidecar.assigner import Assigner
 from sidecar import files
+from sidecar.assigner import Assigner
 from sidecar.config import Address, Config
 from sidecar.digitalocean import DigitalOceanClient, ProviderError, TokenSource
 from sidecar.election import Event, GainedLeadership, LeaderChanged, LostLeadership

@@ -68,9 +68,7 @@ class ElectionSockets:
                 if exc.errno == errno.EADDRINUSE
                 else ""
             )
-            raise BindError(
-                exc.errno, f"bind: {_show(bind)} {bind_problem(exc)}{hint}"
-            ) from None
+            raise BindError(exc.errno, f"bind: {_show(bind)} {bind_problem(exc)}{hint}") from None
         sockets = cls(_bound(family, bind), addresses=dict(peers))
         try:
             for peer_id, address in peers.items():

@@ -50,8 +50,7 @@ def write_config(directory: Path, udp: int, status: int, extra: str = "", **keys
     config.write_text(
         f'node_id = 1\nbind = "{bind}"\nstatus_listen = "127.0.0.1:{status}"\n'
         'cluster_key_file = "cluster.key"\n'
-        f'[[peers]]\nid = 2\naddress = "127.0.0.1:{udp + 1 if udp < 65535 else udp - 1}"\n'
-        + extra
+        f'[[peers]]\nid = 2\naddress = "127.0.0.1:{udp + 1 if udp < 65535 else udp - 1}"\n' + extra
     )
     return config
 
@@ -74,7 +73,9 @@ def run_node(
     except subprocess.TimeoutExpired:
         process.kill()
         _, stderr = process.communicate(timeout=10)
-        raise AssertionError(f"the node did not exit within {EXIT_WAIT}s:\n{stderr[-3000:]}")
+        raise AssertionError(
+            f"the node did not exit within {EXIT_WAIT}s:\n{stderr[-3000:]}"
+        ) from None
     return process.returncode, stderr
 
 
@@ -138,9 +139,7 @@ def test_status_port_in_use(tmp_path: Path, ports: tuple[int, int]) -> None:
     udp, status = ports
     config = write_config(tmp_path, udp, status)
     with socket.create_server(("127.0.0.1", status)):
-        assert_one_line(
-            *run_node(config), f"status_listen: 127.0.0.1:{status} is already in use"
-        )
+        assert_one_line(*run_node(config), f"status_listen: 127.0.0.1:{status} is already in use")
 
 
 def test_bind_address_not_on_this_machine(tmp_path: Path, ports: tuple[int, int]) -> None:
