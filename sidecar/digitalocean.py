@@ -20,7 +20,9 @@ For about five calls, a typed httpx client checked against the official OpenAPI 
 the token under our own control.
 
 The token is the one secret here. It lives in an `APIToken` whose repr and str are
-redacted, and it is attached to requests by an `httpx.Auth` that never formats it; it is
+redacted, and it is attached to requests by an `httpx.Auth` that never formats it, taking
+the current token of a `TokenSource` at each request, so a token file rotated in place is
+used as soon as the source is refreshed (the assigner does that on a 401/403); it is
 sent only over https, or plain http to a loopback API (the emulator on this machine), or to
 another http URL only when the operator sets `allow_insecure_http` (and then a warning is
 logged). Messages taken from API error bodies are scrubbed of the token before they reach
