@@ -285,7 +285,7 @@ def _resolve_paths(raw: FileSettings, base_dir: Path) -> FileSettings:
     )
 
 
-def _load_key(raw: FileSettings, base_dir: Path, env: Mapping[str, str]) -> bytes:
+def _load_key(raw: FileSettings, env: Mapping[str, str]) -> bytes:
     text = env.get(ENV_PREFIX + "CLUSTER_KEY")
     where = f"environment variable {ENV_PREFIX}CLUSTER_KEY"
     if text is None:
@@ -294,7 +294,7 @@ def _load_key(raw: FileSettings, base_dir: Path, env: Mapping[str, str]) -> byte
                 f"cluster_key_file: required (or set {ENV_PREFIX}CLUSTER_KEY); "
                 "make one with `fip-sidecar keygen > cluster.key`"
             )
-        path = base_dir / raw.cluster_key_file
+        path = Path(raw.cluster_key_file)  # already resolved by _resolve_paths
         where = f"cluster_key_file {str(path)!r}"
         try:
             text = path.read_text()
@@ -391,7 +391,7 @@ def _validate(raw: FileSettings, path: Path, env: Mapping[str, str]) -> Config:
         eligible=raw.eligible,
         peers=tuple(raw.peers),
         peer_addresses=addresses,
-        cluster_key=_load_key(raw, path.parent, env),
+        cluster_key=_load_key(raw, env),
         cluster_key_file=None
         if ENV_PREFIX + "CLUSTER_KEY" in env or raw.cluster_key_file is None
         else Path(raw.cluster_key_file),
