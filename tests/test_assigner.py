@@ -572,7 +572,7 @@ async def test_a_changed_token_file_ends_the_wait_after_a_401(
 async def test_a_reload_ends_the_wait_after_a_404(autojump_clock: trio.testing.MockClock) -> None:
     """Issue 12, item 5: an IP re-created after a 404 is used as soon as the config is
     reloaded (`retry_now()`), not a minute later; a reload with nothing fixed costs one
-    request, then the slow retry resumes."""
+    request (and no more)."""
     fake, leadership = FakeDO(holder=OTHER), FakeLeadership()
     exists = False
 
