@@ -212,3 +212,16 @@ def test_a_second_process_on_the_same_election_address_refuses_to_start(
         assert cluster.status(1) is not None
         assert cluster.events(1, "lost") == [], line
     assert first.process is not None and first.process.returncode in (0, -signal.SIGTERM)
+
+
+def test_only_start_up_errors_are_shortened_a_bug_keeps_its_traceback() -> None:
+    from sidecar.cli import _startup_failure
+    from sidecar.service import StartupError
+
+    leaf = StartupError("status_listen: 127.0.0.1:9401 is already in use")
+    nested = ExceptionGroup("outer", [ExceptionGroup("inner", [leaf])])
+    assert _startup_failure(nested) is leaf
+    assert _startup_failure(leaf) is leaf
+    mixed = ExceptionGroup("outer", [leaf, KeyError("a bug")])
+    assert _startup_failure(mixed) is None
+    assert _startup_failure(ExceptionGroup("bug", [ZeroDivisionError()])) is None
