@@ -24,8 +24,10 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.cli import _startup_failure
 from sidecar.localcluster import LocalCluster, free_port
 from sidecar.protocol import generate_cluster_key
+from sidecar.service import StartupError
 
 #: Generous: a node that does not exit is the failure being tested, not slowness.
 EXIT_WAIT = 45.0
@@ -215,9 +217,6 @@ def test_a_second_process_on_the_same_election_address_refuses_to_start(
 
 
 def test_only_start_up_errors_are_shortened_a_bug_keeps_its_traceback() -> None:
-    from sidecar.cli import _startup_failure
-    from sidecar.service import StartupError
-
     leaf = StartupError("status_listen: 127.0.0.1:9401 is already in use")
     nested = ExceptionGroup("outer", [ExceptionGroup("inner", [leaf])])
     assert _startup_failure(nested) is leaf
