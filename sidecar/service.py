@@ -10,14 +10,16 @@ from __future__ import annotations
 import logging
 import random
 import signal
+import socket
 from collections.abc import Callable
 
 import msgspec
 import trio
 
+from sidecar import files
 from sidecar.assigner import Assigner
-from sidecar.config import Config, ConfigError
-from sidecar.digitalocean import DigitalOceanClient, ProviderError, load_token
+from sidecar.config import Address, Config, ConfigError
+from sidecar.digitalocean import DigitalOceanClient, ProviderError, TokenError, TokenSource
 from sidecar.election import Event, GainedLeadership, LeaderChanged, LostLeadership
 from sidecar.health import HealthChecker
 from sidecar.hooks import HookRunner
@@ -25,12 +27,25 @@ from sidecar.metrics import Metrics
 from sidecar.node import EventListener, Node
 from sidecar.reload import plan as reload_plan
 from sidecar.status import StatusApp, serve_status
+from sidecar.transport import bind_problem
 
 log = logging.getLogger(__name__)
 
 
 class StartupError(Exception):
     """The sidecar cannot start (e.g. the droplet id cannot be discovered); exit non-zero."""
+
+
+def _check_status_port(listen: Address) -> None:
+    """Fail before the node speaks if the status port is taken: a process that joins the
+    election and dies a moment later costs the cluster more than one that never started."""
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
+            probe.bind((listen.host, listen.port))
+    except OSError as exc:
+        raise StartupError(f"status_listen: {listen} {bind_problem(exc)}") from None
 
 
 def _hook_listener(hooks: HookRunner) -> EventListener:
@@ -64,9 +79,15 @@ async def _droplet_id(config: Config, client: DigitalOceanClient) -> int:
 async def serve(config: Config, *, reload: Callable[[], Config] | None = None) -> None:
     """Run the sidecar until SIGTERM/SIGINT; a leader resigns before the process ends.
 
+    What can be checked before the node joins the election is checked first (the status
+    port, the API token), so those mistakes end the process before it sends a packet.
     With `reload` (how to read the config again), SIGHUP applies the new config live where
     it can and refuses it whole where it cannot (see `sidecar/reload.py`).
     """
+    for warning in files.permission_warnings(config):
+        log.warning(warning.message, extra={"event": "insecure_file", "key": warning.key})
+    _check_status_port(config.status_listen)
+    tokens = None if config.floating_ip is None else TokenSource(config.digitalocean)
     node = Node(config)
     metrics = Metrics()
     metrics.watch(node)
@@ -103,8 +124,11 @@ async def serve(config: Config, *, reload: Callable[[], Config] | None = None) -
         await nursery.start(serve_status, app, config.status_listen)
         running.start_health()
         nursery.start_soon(hooks.run)
-        if config.floating_ip is not None:
-            running.assigner = await nursery.start(_run_assigner, config, node, metrics, app)
+        if tokens is not None:
+            running.tokens = tokens
+            running.assigner = await nursery.start(
+                _run_assigner, config, tokens, node, metrics, app
+            )
 
 
 class _Running:
@@ -116,6 +140,7 @@ class _Running:
         self.health = health
         self.hooks = hooks
         self.assigner: Assigner | None = None
+        self.tokens: TokenSource | None = None
         self.nursery: trio.Nursery | None = None
         self._health_scope = trio.CancelScope()
         self.reloads = 0
@@ -134,8 +159,20 @@ class _Running:
 
         self.nursery.start_soon(run_health)
 
+    def refresh_token(self) -> None:
+        """Every reload re-reads the token file (a rotated token), whatever else changed,
+        and lets an assigner waiting out a 401/403/404 try again at once."""
+        if self.tokens is not None:
+            try:
+                self.tokens.refresh()
+            except TokenError as exc:
+                log.error("reload: token not re-read", extra={"event": "token", "error": str(exc)})
+        if self.assigner is not None:
+            self.assigner.retry_now()
+
     async def apply(self, new: Config) -> None:
         """Apply `new` if every difference can be applied live; else refuse it whole."""
+        self.refresh_token()
         change = reload_plan(self.config, new)
         self.reloads += 1
         if change.refused:
@@ -174,6 +211,7 @@ async def _reload_on_signal(running: _Running, reload: Callable[[], Config]) -> 
             try:
                 new = reload()
             except ConfigError as exc:
+                running.refresh_token()
                 running.reloads += 1
                 running.last = {"outcome": "error", "error": str(exc)}
                 log.error(
@@ -186,6 +224,7 @@ async def _reload_on_signal(running: _Running, reload: Callable[[], Config]) -> 
 
 async def _run_assigner(
     config: Config,
+    tokens: TokenSource,
     node: Node,
     metrics: Metrics,
     app: StatusApp,
@@ -193,8 +232,7 @@ async def _run_assigner(
     task_status: trio.TaskStatus[Assigner] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     assert config.floating_ip is not None
-    token = load_token(config.digitalocean)
-    async with DigitalOceanClient(config.digitalocean, token) as client:
+    async with DigitalOceanClient(config.digitalocean, tokens) as client:
         droplet_id = await _droplet_id(config, client)
         assigner = Assigner(
             client,
@@ -204,6 +242,7 @@ async def _run_assigner(
             config.assigner,
             random.Random(),
             metrics,
+            tokens=tokens,
         )
         app.add_section("floating_ip", lambda: msgspec.to_builtins(assigner.snapshot()))
         task_status.started(assigner)
