@@ -73,7 +73,9 @@ EXTRAS: dict[str, dict[str, Any]] = {
             "period": ["2m", "3m", "5m", "10m", "15m", "30m", "1h"],
         }
     },
-    "digitalocean_project": {"one_of": {"environment": ["development", "staging", "production"]}},
+    "digitalocean_project": {
+        "one_of_ignore_case": {"environment": ["development", "staging", "production"]}
+    },
 }
 
 _FLAGS = re.compile(

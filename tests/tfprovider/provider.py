@@ -182,9 +182,13 @@ def validate(
     diags: Diagnostics, type_name: str, config: Config, spec: Mapping[str, Any], extras: Any
 ) -> None:
     """What the real provider checks in ValidateResourceConfig beyond the schema."""
-    for name, allowed in extras.get("one_of", {}).items():
+    rules = [(n, a, False) for n, a in extras.get("one_of", {}).items()]
+    rules += [(n, a, True) for n, a in extras.get("one_of_ignore_case", {}).items()]
+    for name, allowed, ignore_case in rules:
         value = config.get(name)
-        if isinstance(value, str) and value not in allowed:
+        if not isinstance(value, str):
+            continue
+        if (value.lower() if ignore_case else value) not in allowed:
             diags.add_error(
                 f"expected {name} to be one of {allowed}, got {value}",
                 f"{type_name}.{name}",
