@@ -84,16 +84,6 @@ def single(value: Any) -> Any:
     return value[0] if isinstance(value, list) and len(value) == 1 else value
 
 
-def resolve(value: Any, local_values: Mapping[str, Any]) -> Any:
-    """Follow `${local.name}` references (as python-hcl2 renders them) to their values."""
-    value = single(value)
-    while isinstance(value, str) and (match := re.fullmatch(r"\$\{local\.(\w+)\}", value)):
-        value = single(local_values[match[1]])
-    if isinstance(value, list):
-        return [resolve(item, local_values) for item in value]
-    return value
-
-
 def variables(parsed: Mapping[str, list[Any]]) -> dict[str, dict[str, Any]]:
     found: dict[str, dict[str, Any]] = {}
     for block in parsed.get("variable", []):
