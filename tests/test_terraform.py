@@ -7,8 +7,9 @@ fake ones so that a second plan can be inspected (rolling changes). Asserted on 
 -json`: both token modes, every variable validation and precondition with its message, the
 firewall (by tag, before the droplets, the service ports), that no apply takes down more than
 one droplet, the uptime check and alert, the project, the optional VPC; the user_data Terraform
-rendered passes `cloud-init schema`; the config it leads to passes `fip-sidecar check-config`;
-python-hcl2 checks what a plan cannot show (lifecycle, secrets) and checkov runs its policies.
+rendered passes `cloud-init schema`; configure_sidecar.py runs against a scripted API on
+127.0.0.1 (exit code and log line per outcome) and the config it writes passes `fip-sidecar
+check-config`; python-hcl2 checks what a plan cannot show (lifecycle, secrets); checkov runs.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from collections.abc import Iterator, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -935,6 +938,136 @@ def test_config_is_written_only_when_it_changes(configure: ModuleType, tmp_path:
     assert configure.write_if_changed(path, "a = 1\n") is False
     assert configure.write_if_changed(path, "a = 2\n") is True
     assert path.read_text() == "a = 2\n"
+
+
+# --- configure_sidecar.py as the droplet runs it, against a scripted API on 127.0.0.1 -------------
+# Every outcome has its own exit code and one log line naming it: a wrong token is an error
+# the systemd unit reports, not "not ready".
+
+
+class Scripted(BaseHTTPRequestHandler):
+    """Answers every request with the server's current (status, body); records requests."""
+
+    def do_GET(self) -> None:
+        server: Api = self.server  # type: ignore[assignment]
+        server.requests.append((self.path, self.headers.get("Authorization", "")))
+        status, body = server.answer
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return None
+
+
+class Api(ThreadingHTTPServer):
+    answer: tuple[int, bytes] = (200, b"{}")
+    requests: list[tuple[str, str]]
+
+
+@pytest.fixture
+def api() -> Iterator[Api]:
+    server = Api(("127.0.0.1", 0), Scripted)
+    server.requests = []
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def droplet_files(tmp_path: Path, api: Api) -> Path:
+    """cluster.json for node 1, pointing at the scripted API; returns its path."""
+    (tmp_path / "do_token").write_text(SAMPLE_TOKEN + "\n")
+    cluster = {
+        **cluster_settings(1, "http://127.0.0.1:80/"),
+        "api_url": f"http://127.0.0.1:{api.server_address[1]}",
+        "token_file": str(tmp_path / "do_token"),
+        "config_file": str(tmp_path / "config.toml"),
+    }
+    path = tmp_path / "cluster.json"
+    path.write_text(json.dumps(cluster))
+    return path
+
+
+def run_configure(cluster_file: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(CONFIGURE_SCRIPT)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"FIP_SIDECAR_CLUSTER_FILE": str(cluster_file), "PATH": "/usr/bin:/bin"},
+    )
+
+
+def test_config_written_then_unchanged(api: Api, droplet_files: Path) -> None:
+    api.answer = (200, json.dumps({"droplets": API_DROPLETS}).encode())
+    first = run_configure(droplet_files)
+    assert (first.returncode, first.stderr.strip()) == (10, "configure_sidecar: config written")
+    assert 'address = "198.19.0.2:7401"' in (droplet_files.parent / "config.toml").read_text()
+    second = run_configure(droplet_files)
+    assert (second.returncode, second.stderr.strip()) == (0, "configure_sidecar: config unchanged")
+    path, authorization = api.requests[0]
+    assert path == "/v2/droplets?tag_name=fip-production-cluster&per_page=200"
+    assert authorization == f"Bearer {SAMPLE_TOKEN}"
+
+
+ERRORS = [
+    pytest.param(401, b'{"id":"unauthorized","message":"Unable to authenticate you"}', 77,
+                 "DigitalOcean API refused the token (HTTP 401", id="401"),
+    pytest.param(403, b'{"id":"forbidden","message":"You are not authorized"}', 77,
+                 "DigitalOcean API refused the token (HTTP 403", id="403"),
+    pytest.param(500, b'{"id":"server_error","message":"oops"}', 69,
+                 "DigitalOcean API failed: HTTP 500 from GET /v2/droplets", id="500"),
+    pytest.param(429, b'{"id":"too_many_requests","message":"slow down"}', 69,
+                 "DigitalOcean API failed: HTTP 429", id="429"),
+    pytest.param(200, b"<html>captive portal</html>", 76,
+                 "DigitalOcean API answered with something not JSON: <html>captive", id="garbage"),
+    pytest.param(200, b'{"message": "no list"}', 76,
+                 "DigitalOcean API answer has no droplet list", id="no-droplets"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("status", "body", "code", "line"), ERRORS)
+def test_api_errors_have_their_own_exit_code_and_name_the_status(
+    api: Api, droplet_files: Path, status: int, body: bytes, code: int, line: str
+) -> None:
+    api.answer = (status, body)
+    result = run_configure(droplet_files)
+    assert result.returncode == code, result.stderr
+    assert result.stderr.startswith(f"configure_sidecar: error: {line}"), result.stderr
+    assert SAMPLE_TOKEN not in result.stderr
+    assert not (droplet_files.parent / "config.toml").exists()
+
+
+def test_unreachable_api_is_unavailable(api: Api, droplet_files: Path) -> None:
+    cluster = json.loads(droplet_files.read_text())
+    port = api.server_address[1]
+    api.shutdown()
+    api.server_close()  # nothing listens on the port any more
+    cluster["api_url"] = f"http://127.0.0.1:{port}"
+    droplet_files.write_text(json.dumps(cluster))
+    result = run_configure(droplet_files)
+    assert result.returncode == 69
+    assert result.stderr.startswith("configure_sidecar: error: DigitalOcean API unreachable: ")
+
+
+def test_waiting_for_the_token_or_the_peers_is_not_an_error(api: Api, droplet_files: Path) -> None:
+    api.answer = (200, json.dumps({"droplets": API_DROPLETS[:1]}).encode())
+    peers_missing = run_configure(droplet_files)
+    assert peers_missing.returncode == 75
+    assert "not ready: no droplet tagged as node 2 yet" in peers_missing.stderr
+    (droplet_files.parent / "do_token").unlink()
+    token_missing = run_configure(droplet_files)
+    assert token_missing.returncode == 75
+    assert "waiting for" in token_missing.stderr and "do_token to be placed" in token_missing.stderr
+    assert len(api.requests) == 1  # no request without a token
 
 
 # --- external checkers ---------------------------------------------------------------------------

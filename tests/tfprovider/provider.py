@@ -201,11 +201,12 @@ def validate(
             )
 
 
-class StandInResource(Resource):
-    """One resource type; the subclasses made by `resource_class` carry its schema."""
+class FromSchema:
+    """A resource or data source type whose schema is one entry of the committed JSON (the
+    subclasses DigitalOceanStandIn makes carry it in class attributes)."""
 
     spec: ClassVar[dict[str, Any]]
-    extras: ClassVar[dict[str, Any]]
+    extras: ClassVar[dict[str, Any]] = {}
     type_name: ClassVar[str]
 
     def __init__(self, provider: object) -> None:
@@ -218,6 +219,10 @@ class StandInResource(Resource):
     @classmethod
     def get_schema(cls) -> Schema:
         return to_schema(cls.spec, frozenset(cls.extras.get("force_new", [])))
+
+
+class StandInResource(FromSchema, Resource):
+    """One resource type: plans as the real provider would, applies without any API."""
 
     def validate(self, diags: Diagnostics, type_name: str, config: Config) -> None:
         super().validate(diags, type_name, config)
@@ -239,20 +244,8 @@ class StandInResource(Resource):
         return None
 
 
-class StandInDataSource(DataSource):
-    spec: ClassVar[dict[str, Any]]
-    type_name: ClassVar[str]
-
-    def __init__(self, provider: object) -> None:
-        self.provider = provider
-
-    @classmethod
-    def get_name(cls) -> str:
-        return cls.type_name.removeprefix(PREFIX)
-
-    @classmethod
-    def get_schema(cls) -> Schema:
-        return to_schema(cls.spec)
+class StandInDataSource(FromSchema, DataSource):
+    """One data source type: reads return the configuration with fake computed values."""
 
     def read(self, ctx: ReadDataContext, config: Config) -> State:
         block = self.spec["block"]
