@@ -433,6 +433,12 @@ class LocalCluster:
             self._start_web_services()
             self._start_emulator()
         self.write_files()
+        self.start_written(synchronized=synchronized, only=only)
+
+    def start_written(
+        self, *, synchronized: bool = False, only: Iterable[int] | None = None
+    ) -> None:
+        """Like `start`, with the config files as they are (a test may have edited them)."""
         starting = [self.members[n] for n in (self.members if only is None else only)]
         for member in starting:
             self._spawn(member)

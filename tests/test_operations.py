@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from sidecar.localcluster import LocalCluster, free_port, overlaps
+from sidecar.protocol import generate_cluster_key
 
 MakeCluster = Callable[..., LocalCluster]
 
@@ -219,3 +220,29 @@ def test_cold_start_with_health_checks_elects_node_1_and_moves_the_ip_once(
         f"\ncold starts with health checks: node 1 led first in {firsts.count(1)} of {COLD_STARTS}"
     )
     assert firsts == [1] * COLD_STARTS
+
+
+def test_a_peer_with_the_wrong_key_is_named_with_its_address(make_cluster: MakeCluster) -> None:
+    """On the old main only `packets.dropped.bad_mac` rose; nothing said which peer."""
+    cluster = make_cluster()
+    cluster.write_files()
+    other_key = cluster.workdir / "other.key"
+    other_key.write_text(generate_cluster_key() + "\n")
+    other_key.chmod(0o600)
+    path = cluster.members[2].config_path
+    path.write_text(path.read_text().replace(str(cluster.key_path), str(other_key)))
+    cluster.start_written()
+    cluster.wait_for_leader(expect=1, agreed=False)
+    address = f"127.0.0.1:{cluster.members[2].udp_port}"
+    deadline = time.monotonic() + 10
+    reason = None
+    while time.monotonic() < deadline:
+        status = cluster.status(1) or {}
+        peer = next((p for p in status.get("peers", []) if p["id"] == 2), {})
+        reason = peer.get("not_counted")
+        if reason and reason.startswith("wrong_key"):
+            break
+        time.sleep(0.1)
+    assert reason == f"wrong_key: packets from {address} fail authentication"
+    warnings = [e for e in cluster.events(1) if e.get("event") == "wrong_key"]
+    assert [(w["peer"], w["source"]) for w in warnings] == [(2, address)]
