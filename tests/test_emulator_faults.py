@@ -36,7 +36,8 @@ async def test_per_minute_budget_gives_429_with_retry_after(
     assert refused.status_code == 429
     assert refused.json()["id"] == "too_many_requests"
     assert refused.headers["retry-after"] == "30"
-    assert int(refused.headers["ratelimit-remaining"]) > 0, "headers describe the hourly window"
+    assert refused.headers["ratelimit-remaining"] == "0", "a per-minute refusal says 0 too"
+    assert int(allowed[-1].headers["ratelimit-remaining"]) > 0, "successes show the hour's"
     assert refused_again.status_code == 429, "refusals are not counted, nor forgiven"
     assert again.status_code == 200
 

@@ -35,7 +35,8 @@ def test_allows_exactly_what_fits_both_windows(
         else:
             assert decision.retry_after_seconds >= 1
         assert decision.limit == per_hour
-        assert decision.remaining == per_hour - (in_hour + (1 if fits else 0))
+        # A refusal says 0 remaining whichever window refused it (the documented sample).
+        assert decision.remaining == (per_hour - (in_hour + 1) if fits else 0)
         assert decision.reset_clock >= now
         assert set(decision.headers(0.0)) >= {"ratelimit-limit", "ratelimit-remaining"}
         assert ("retry-after" in decision.headers(0.0)) == (not fits)

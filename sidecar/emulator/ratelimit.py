@@ -1,10 +1,11 @@
 """The real API's rate limit: 250 requests a minute and 5,000 an hour per token.
 
 DigitalOcean counts requests in sliding windows and reports the *hourly* window in the
-`ratelimit-limit`, `ratelimit-remaining` and `ratelimit-reset` headers of every response;
-the per-minute limit shows only as a 429 with `retry-after`. A client that reads only the
-headers can therefore be refused while `ratelimit-remaining` is still above zero, and the
-emulator reproduces that on purpose.
+`ratelimit-limit`, `ratelimit-remaining` and `ratelimit-reset` headers of every response.
+A refused request, whichever window refused it, says `ratelimit-remaining: 0` (the API
+documentation's "rate exceeded" sample) and carries `retry-after` (the burst limit's
+header since 2023). A client watching only `ratelimit-remaining` on successes can still be
+refused by the per-minute window while the hourly count is far from zero.
 
 Refused requests are not counted, so a client that backs off as told recovers.
 """
@@ -66,7 +67,7 @@ class RateLimiter:
         return RateDecision(
             allowed=allowed,
             limit=self.per_hour,
-            remaining=max(0, self.per_hour - len(times)),
+            remaining=max(0, self.per_hour - len(times)) if allowed else 0,
             reset_clock=reset_clock,
             retry_after_seconds=max(1, math.ceil(retry_after)) if not allowed else 0,
         )
@@ -77,7 +78,7 @@ class RateLimiter:
         return RateDecision(
             allowed=False,
             limit=current.limit,
-            remaining=current.remaining,
+            remaining=0,
             reset_clock=current.reset_clock,
             retry_after_seconds=max(1, math.ceil(retry_after)),
         )
