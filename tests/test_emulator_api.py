@@ -166,7 +166,7 @@ async def test_refusals_match_the_real_api() -> None:
         unknown_ip = await client.get("/v2/reserved_ips/203.0.113.99")
         unknown_ip_post = await assign(client, 1002, "203.0.113.99")
         unknown_action = await client.get("/v2/actions/12345")
-        unknown_path = await client.get("/v2/droplets")
+        unknown_path = await client.get("/v2/volumes")
         not_json = await client.post(f"/v2/reserved_ips/{IP}/actions", content=b"{nope")
         bad_type = await client.post(f"/v2/reserved_ips/{IP}/actions", json={"type": "grab"})
         no_droplet = await client.post(f"/v2/reserved_ips/{IP}/actions", json={"type": "assign"})

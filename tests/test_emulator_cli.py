@@ -44,6 +44,27 @@ def test_flags_build_the_account(monkeypatch: pytest.MonkeyPatch) -> None:
     assert args.listen == "127.0.0.1:8089"
 
 
+def test_json_droplets_and_token_scopes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(cli.TOKEN_ENV, "scoped")
+    droplet = (
+        '{"id": 3001, "region": "nyc3", "tags": ["fip-cluster", "fip-cluster-node-1"],'
+        ' "public_ipv4": "198.18.0.11", "private_ipv4": "198.18.1.11", "boot_seconds": 5}'
+    )
+    args = parse(
+        "--droplet", droplet,
+        "--token-scopes", "reserved_ip:read, droplet:read",
+        "--metadata-listen", "198.18.0.100:80",
+    )  # fmt: skip
+    emulator = cli.build_emulator(args)
+    made = emulator.state.droplets[3001]
+    assert made.tags == ("fip-cluster", "fip-cluster-node-1")
+    assert made.addresses == ("198.18.0.11", "198.18.1.11")
+    assert emulator.state.is_booting(3001)
+    grant = emulator.tokens.lookup("scoped")
+    assert grant is not None and grant.scopes == {"reserved_ip:read", "droplet:read"}
+    assert args.metadata_listen == "198.18.0.100:80"
+
+
 def test_token_file_wins_and_is_stripped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(cli.TOKEN_ENV, "from-env")
     token_file = tmp_path / "token"
@@ -64,6 +85,18 @@ def test_token_file_wins_and_is_stripped(tmp_path: Path, monkeypatch: pytest.Mon
         (("--rate-limit-per-minute", "0"), "rate_limit_per_minute must be >= 1"),
         (("--edge-reserved-ip", "203.0.113.99"), "is not a --reserved-ip"),
         (("--tls-cert", "/tmp/cert.pem"), "go together"),
+        (("--token-scopes", "everything"), "--token-scopes: scope 'everything'"),
+        (("--token-scopes", ","), "at least one scope"),
+        (("--droplet", '{"id": 1, "region": "nyc3", "public_ipv4": "x"}'), "public_ipv4 'x'"),
+        (
+            (
+                "--droplet",
+                '{"id": 1, "region": "nyc3", "public_ipv4": "198.18.0.1"}',
+                "--droplet",
+                '{"id": 2, "region": "nyc3", "private_ipv4": "198.18.0.1"}',
+            ),
+            "address 198.18.0.1 is droplet 1's",
+        ),
     ],
 )
 def test_mistakes_exit_2_with_one_line(
@@ -91,6 +124,9 @@ def test_mistakes_exit_2_with_one_line(
         ("--reserved-ip", "203.0.113.10=nyc3:abc"),
         ("--droplet", "abc=nyc3"),
         ("--droplet", "12"),
+        ("--droplet", '{"id": 1}'),
+        ("--droplet", '{"id": 1, "region": "nyc3", "colour": "red"}'),
+        ("--metadata-listen", "80"),
     ],
 )
 def test_malformed_flags_are_usage_errors(argv: tuple[str, ...]) -> None:

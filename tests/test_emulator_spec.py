@@ -84,6 +84,12 @@ async def test_every_documented_response_is_produced_and_valid(
         await client.get(f"/v2/reserved_ips/{IP}")  # 500
         await admin.post("/_emulator/faults", json={"clear": True, "force_429_seconds": 1.0})
         await client.get(f"/v2/reserved_ips/{IP}")  # 429
+        await trio.sleep(1.0)
+        await client.get("/v2/droplets", params={"tag_name": "x", "per_page": 1})
+        await client.get("/v2/droplets/1001")
+        await client.get("/v2/droplets/4242")  # 404
+        emulator.tokens.grant("scoped", ["reserved_ip:read"])
+        await client.get("/v2/droplets/1001", headers={"Authorization": "Bearer scoped"})  # 403
     produced = {path.split("specification/")[1] for path in harness.checked_files}
     assert produced >= {
         f"{RESERVED}/reserved_ip_list.yml",
@@ -97,4 +103,6 @@ async def test_every_documented_response_is_produced_and_valid(
         f"{SHARED}/unauthorized.yml",
         f"{SHARED}/server_error.yml",
         f"{SHARED}/too_many_requests.yml",
+        "resources/droplets/responses/all_droplets.yml",
+        "resources/droplets/responses/existing_droplet.yml",
     }

@@ -21,6 +21,7 @@ from starlette.routing import BaseRoute, Route
 from . import render
 from .emulator import Emulator
 from .faults import FaultUpdate
+from .specs import decode_droplet
 from .state import Assignment, EmulatorError
 
 
@@ -30,6 +31,19 @@ class ManualAssign(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fro
 
     droplet_id: int | None
     reserved_ip: str | None = None
+
+
+class TokenGrant(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    """`POST /_emulator/tokens`: accept `token`, with full access or only `scopes`."""
+
+    token: str
+    scopes: list[str] | None = None
+
+
+class TokenRevoke(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    """`POST /_emulator/tokens/revoke`: stop accepting `token` (401 from then on)."""
+
+    token: str
 
 
 def history_entry(entry: Assignment) -> dict[str, Any]:
@@ -52,6 +66,10 @@ def bad_request(message: str) -> Response:
     return JSONResponse({"id": "bad_request", "message": message}, status_code=400)
 
 
+def error_response(error: EmulatorError) -> Response:
+    return JSONResponse({"id": error.error_id, "message": error.message}, status_code=error.status)
+
+
 def admin_routes(emulator: Emulator) -> list[BaseRoute]:
     state = emulator.state
 
@@ -68,10 +86,66 @@ def admin_routes(emulator: Emulator) -> list[BaseRoute]:
     async def post_faults(request: Request) -> Response:
         try:
             change = msgspec.json.decode(await request.body(), type=FaultUpdate)
+            change.validate()
+            event = change.droplet_event
+            if event is not None:
+                state.start_droplet_event(event.droplet_id, event.type, event.seconds)
             emulator.faults.update(change, emulator.clock())
         except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as error:
             return bad_request(str(error))
+        except EmulatorError as error:
+            return error_response(error)
         return JSONResponse(emulator.faults.describe(emulator.clock()))
+
+    async def put_droplet(request: Request) -> Response:
+        try:
+            spec = decode_droplet(await request.body())
+            spec.add_to(state, replace=True)
+        except ValueError as error:
+            return bad_request(str(error))
+        return JSONResponse(droplet_entry(spec.id))
+
+    async def delete_droplet(request: Request) -> Response:
+        droplet_id: int = request.path_params["droplet_id"]
+        try:
+            state.remove_droplet(droplet_id)
+        except EmulatorError as error:
+            return error_response(error)
+        return JSONResponse({"deleted": droplet_id})
+
+    async def grant_token(request: Request) -> Response:
+        try:
+            grant = msgspec.json.decode(await request.body(), type=TokenGrant)
+            emulator.tokens.grant(grant.token, grant.scopes)
+        except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as error:
+            return bad_request(str(error))
+        scopes = None if grant.scopes is None else sorted(set(grant.scopes))
+        return JSONResponse({"tokens": len(emulator.tokens), "scopes": scopes})
+
+    async def revoke_token(request: Request) -> Response:
+        try:
+            order = msgspec.json.decode(await request.body(), type=TokenRevoke)
+        except (msgspec.ValidationError, msgspec.DecodeError) as error:
+            return bad_request(str(error))
+        if not emulator.tokens.revoke(order.token):
+            return JSONResponse(
+                {"id": "not_found", "message": "no such token is in force"}, status_code=404
+            )
+        return JSONResponse({"tokens": len(emulator.tokens)})
+
+    def droplet_entry(droplet_id: int) -> dict[str, Any]:
+        d = state.droplets[droplet_id]
+        return {
+            "id": d.id,
+            "name": d.name,
+            "region": d.region,
+            "status": "new" if state.is_booting(d.id) else "active",
+            "tags": list(d.tags),
+            "public_ipv4": d.public_ipv4,
+            "private_ipv4": d.private_ipv4,
+            "web_url": d.web_url,
+            "reserved_ip": getattr(state.ip_of_droplet(d.id), "ip", None),
+        }
 
     async def assign(request: Request) -> Response:
         try:
@@ -84,9 +158,7 @@ def admin_routes(emulator: Emulator) -> list[BaseRoute]:
         try:
             entry = state.manual_assign(ip, order.droplet_id)
         except EmulatorError as error:
-            return JSONResponse(
-                {"id": error.error_id, "message": error.message}, status_code=error.status
-            )
+            return error_response(error)
         return JSONResponse(history_entry(entry))
 
     async def describe_state(request: Request) -> Response:
@@ -106,20 +178,13 @@ def admin_routes(emulator: Emulator) -> list[BaseRoute]:
                     }
                     for r in state.reserved_ips.values()
                 ],
-                "droplets": [
-                    {
-                        "id": d.id,
-                        "region": d.region,
-                        "web_url": d.web_url,
-                        "reserved_ip": getattr(state.ip_of_droplet(d.id), "ip", None),
-                    }
-                    for d in state.droplets.values()
-                ],
+                "droplets": [droplet_entry(d) for d in sorted(state.droplets)],
                 "actions": [
                     {
                         **render.action(a),
                         "reserved_ip": a.ip,
                         "droplet_id": a.target_droplet_id,
+                        "status": a.status,
                         "completes_monotonic": a.completes_clock,
                     }
                     for a in sorted(state.actions.values(), key=lambda a: a.id)
@@ -141,6 +206,10 @@ def admin_routes(emulator: Emulator) -> list[BaseRoute]:
         Route("/_emulator/faults", get_faults, methods=["GET"]),
         Route("/_emulator/faults", post_faults, methods=["POST"]),
         Route("/_emulator/assign", assign, methods=["POST"]),
+        Route("/_emulator/droplets", put_droplet, methods=["POST"]),
+        Route("/_emulator/droplets/{droplet_id:int}", delete_droplet, methods=["DELETE"]),
+        Route("/_emulator/tokens", grant_token, methods=["POST"]),
+        Route("/_emulator/tokens/revoke", revoke_token, methods=["POST"]),
         Route("/_emulator/state", describe_state, methods=["GET"]),
         Route("/_emulator/requests", requests, methods=["GET"]),
         Route("/_emulator/requests", clear_requests, methods=["DELETE"]),

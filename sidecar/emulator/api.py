@@ -1,14 +1,15 @@
-"""The `/v2/` API: reserved IPs (and their legacy `floating_ips` alias) and actions.
+"""The `/v2/` API: reserved IPs (and their legacy `floating_ips` alias), actions, droplets.
 
 Every request passes one gate, in the real API's order as far as a client can tell:
 injected outage and latency, then the per-token rate limit (429), then the bearer token
-(401), then injected random errors, then the route. Every answer, errors included,
-carries the `ratelimit-*` headers, and every error body is `{id, message, request_id}`.
+(401: unknown or revoked), then the token's scopes (403: a custom-scoped token without the
+scope the operation names in the OpenAPI spec), then injected random errors, then the
+route. Every answer, errors included, carries the `ratelimit-*` headers, and every error
+body is `{id, message, request_id}`.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -21,7 +22,8 @@ from starlette.routing import BaseRoute, Route
 from . import render
 from .emulator import Emulator
 from .faults import ERROR_IDS
-from .state import ActionKind, EmulatorError
+from .state import Action, ActionKind, EmulatorError
+from .tokens import Grant
 
 JSON_TYPE = "application/json; charset=utf-8"
 ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
@@ -43,6 +45,27 @@ def bearer_token(request: Request) -> str:
     return credentials.strip() if scheme.lower() == "bearer" else ""
 
 
+def forbidden() -> EmulatorError:
+    return EmulatorError(403, "forbidden", "You do not have permission to perform this action.")
+
+
+def grant_of(request: Request) -> Grant:
+    """The token's grant, set by the gate before any handler runs."""
+    grant: Grant = request.state.grant
+    return grant
+
+
+def action_body(
+    emulator: Emulator, action: Action, project_id: str | None = None
+) -> dict[str, Any]:
+    """An action as the API shows it now (faults may respell its status)."""
+    return render.action(
+        action,
+        with_project_id=project_id,
+        completed_status=emulator.faults.action_completed_status,
+    )
+
+
 def page_params(request: Request) -> tuple[int, int]:
     """`page` and `per_page` as the real API reads them (per_page 1..200, default 20)."""
     try:
@@ -59,15 +82,17 @@ class Gate:
     def __init__(self, emulator: Emulator) -> None:
         self.emulator = emulator
 
-    def wrap(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+    def wrap(self, handler: Handler, scope: str | None) -> Callable[[Request], Awaitable[Response]]:
+        """`handler` behind the gate; a scoped token needs `scope` (None: any token)."""
+
         async def endpoint(request: Request) -> Response:
-            response = await self._answer(request, handler)
+            response = await self._answer(request, handler, scope)
             self.emulator.requests.record(request.method, request.url.path, response.status_code)
             return response
 
         return endpoint
 
-    async def _answer(self, request: Request, handler: Handler) -> Response:
+    async def _answer(self, request: Request, handler: Handler, scope: str | None) -> Response:
         emulator = self.emulator
         faults = emulator.faults
         token = bearer_token(request)
@@ -89,10 +114,15 @@ class Gate:
         if not decision.allowed:
             body = render.error("too_many_requests", "API rate limit exceeded.")
             return json_response(429, body, headers)
-        if not hmac.compare_digest(token.encode(), emulator.token.encode()):
+        grant = emulator.tokens.lookup(token) if token else None
+        if grant is None:
             return json_response(
                 401, render.error("unauthorized", "Unable to authenticate you"), headers
             )
+        if scope is not None and not grant.allows(scope):
+            error = forbidden()
+            return json_response(403, render.error(error.error_id, error.message), headers)
+        request.state.grant = grant
         if faults.should_fail(emulator.rng):
             status = faults.error_status
             body = render.error(ERROR_IDS[status], "Injected server error.")
@@ -147,7 +177,7 @@ class ReservedIPResource:
         chunk = actions[(page - 1) * per_page : page * per_page]
         base = str(request.url.replace(query=""))
         return 200, {
-            "actions": [render.action(a) for a in chunk],
+            "actions": [action_body(self.emulator, a) for a in chunk],
             "links": render.page_links(base, page, per_page, len(actions)),
             "meta": {"total": len(actions)},
         }
@@ -163,23 +193,67 @@ class ReservedIPResource:
             resource_type=self.singular,
             will_error=self.emulator.faults.should_error_action(self.emulator.rng),
         )
-        return 201, {"action": render.action(action, with_project_id=reserved.project_id)}
+        return 201, {"action": action_body(self.emulator, action, reserved.project_id)}
 
     async def get_action(self, request: Request) -> tuple[int, dict[str, Any]]:
         ip = request.path_params["ip"]
         reserved = self.emulator.state.reserved_ip(ip)
         action = self.emulator.state.action(request.path_params["action_id"], ip=ip)
-        return 200, {"action": render.action(action, with_project_id=reserved.project_id)}
+        return 200, {"action": action_body(self.emulator, action, reserved.project_id)}
 
     def routes(self, gate: Gate) -> list[BaseRoute]:
         base = f"/v2/{self.plural}"
+        read, update = "reserved_ip:read", "reserved_ip:update"
         return [
-            Route(base, gate.wrap(self.list_ips), methods=["GET"]),
-            Route(base + "/{ip}", gate.wrap(self.get), methods=["GET"]),
-            Route(base + "/{ip}/actions", gate.wrap(self.list_actions), methods=["GET"]),
-            Route(base + "/{ip}/actions", gate.wrap(self.post_action), methods=["POST"]),
+            Route(base, gate.wrap(self.list_ips, read), methods=["GET"]),
+            Route(base + "/{ip}", gate.wrap(self.get, read), methods=["GET"]),
+            Route(base + "/{ip}/actions", gate.wrap(self.list_actions, read), methods=["GET"]),
+            Route(base + "/{ip}/actions", gate.wrap(self.post_action, update), methods=["POST"]),
             Route(
-                base + "/{ip}/actions/{action_id:int}", gate.wrap(self.get_action), methods=["GET"]
+                base + "/{ip}/actions/{action_id:int}",
+                gate.wrap(self.get_action, read),
+                methods=["GET"],
+            ),
+        ]
+
+
+class DropletResource:
+    """`GET /v2/droplets` (filtered by `tag_name` or `name`, paginated) and one droplet."""
+
+    def __init__(self, emulator: Emulator) -> None:
+        self.emulator = emulator
+
+    def _render(self, droplet_id: int) -> dict[str, Any]:
+        state = self.emulator.state
+        droplet = state.droplet(droplet_id)
+        return render.droplet(droplet, booting=state.is_booting(droplet_id))
+
+    async def list_droplets(self, request: Request) -> tuple[int, dict[str, Any]]:
+        tag = request.query_params.get("tag_name")
+        name = request.query_params.get("name")
+        if tag is not None and not grant_of(request).allows("tag:read"):
+            raise forbidden()  # the spec: `tag_name` "Requires `tag:read` scope"
+        page, per_page = page_params(request)
+        droplets = self.emulator.state.list_droplets(tag=tag, name=name)
+        chunk = droplets[(page - 1) * per_page : page * per_page]
+        base = str(request.url.replace(query=""))
+        kept = {k: v for k, v in (("tag_name", tag), ("name", name)) if v is not None}
+        return 200, {
+            "droplets": [self._render(d.id) for d in chunk],
+            "links": render.page_links(base, page, per_page, len(droplets), kept),
+            "meta": {"total": len(droplets)},
+        }
+
+    async def get(self, request: Request) -> tuple[int, dict[str, Any]]:
+        return 200, {"droplet": self._render(request.path_params["droplet_id"])}
+
+    def routes(self, gate: Gate) -> list[BaseRoute]:
+        return [
+            Route("/v2/droplets", gate.wrap(self.list_droplets, "droplet:read"), methods=["GET"]),
+            Route(
+                "/v2/droplets/{droplet_id:int}",
+                gate.wrap(self.get, "droplet:read"),
+                methods=["GET"],
             ),
         ]
 
@@ -211,7 +285,7 @@ def api_routes(emulator: Emulator) -> list[BaseRoute]:
 
     async def get_action(request: Request) -> tuple[int, dict[str, Any]]:
         action = emulator.state.action(request.path_params["action_id"])
-        return 200, {"action": render.action(action)}
+        return 200, {"action": action_body(emulator, action)}
 
     async def list_actions(request: Request) -> tuple[int, dict[str, Any]]:
         page, per_page = page_params(request)
@@ -219,7 +293,7 @@ def api_routes(emulator: Emulator) -> list[BaseRoute]:
         chunk = actions[(page - 1) * per_page : page * per_page]
         base = str(request.url.replace(query=""))
         return 200, {
-            "actions": [render.action(a) for a in chunk],
+            "actions": [action_body(emulator, a) for a in chunk],
             "links": render.page_links(base, page, per_page, len(actions)),
             "meta": {"total": len(actions)},
         }
@@ -230,7 +304,10 @@ def api_routes(emulator: Emulator) -> list[BaseRoute]:
     return [
         *ReservedIPResource(emulator, "reserved_ip").routes(gate),
         *ReservedIPResource(emulator, "floating_ip").routes(gate),
-        Route("/v2/actions", gate.wrap(list_actions), methods=["GET"]),
-        Route("/v2/actions/{action_id:int}", gate.wrap(get_action), methods=["GET"]),
-        Route("/v2/{rest:path}", gate.wrap(unknown), methods=ALL_METHODS),
+        *DropletResource(emulator).routes(gate),
+        Route("/v2/actions", gate.wrap(list_actions, "actions:read"), methods=["GET"]),
+        Route(
+            "/v2/actions/{action_id:int}", gate.wrap(get_action, "actions:read"), methods=["GET"]
+        ),
+        Route("/v2/{rest:path}", gate.wrap(unknown, None), methods=ALL_METHODS),
     ]

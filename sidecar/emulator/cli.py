@@ -2,7 +2,8 @@
 
 The lead's `sidecar/cli.py` mounts `add_arguments` and `run` as the `emulate`
 subcommand; `python -m sidecar.emulator` runs the same thing on its own. The token comes
-from a file or `FIP_EMULATOR_TOKEN`, never from argv, like the sidecar's own token.
+from a file or `FIP_EMULATOR_TOKEN`, never from argv, like the sidecar's own token; its
+scopes (`--token-scopes`) are not secret and may be given on the command line.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from .settings import EmulatorSettings
+from .specs import DropletSpec, decode_droplet
 
 if TYPE_CHECKING:
     from .emulator import Emulator
@@ -38,13 +40,6 @@ class IPSpec:
     droplet_id: int | None
 
 
-@dataclass(frozen=True)
-class DropletSpec:
-    id: int
-    region: str
-    web_url: str | None
-
-
 def host_port(value: str) -> str:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
@@ -61,11 +56,21 @@ def reserved_ip_spec(value: str) -> IPSpec:
 
 
 def droplet_spec(value: str) -> DropletSpec:
+    """`ID=REGION[=WEB_URL]`, or a JSON object with every attribute (see specs.py)."""
+    if value.lstrip().startswith("{"):
+        try:
+            return decode_droplet(value)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
     parts = value.split("=", 2)
     if len(parts) < 2 or not parts[0].isdigit() or not parts[1]:
-        raise argparse.ArgumentTypeError(f"expected ID=REGION[=WEB_URL], got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected ID=REGION[=WEB_URL] or JSON, got {value!r}")
     web_url = parts[2] if len(parts) == 3 and parts[2] else None
-    return DropletSpec(int(parts[0]), parts[1], web_url)
+    return DropletSpec(id=int(parts[0]), region=parts[1], web_url=web_url)
+
+
+def scope_list(value: str) -> list[str]:
+    return [scope.strip() for scope in value.split(",") if scope.strip()]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,10 +95,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the reserved IP the edge serves (default: the first --reserved-ip)",
     )
     parser.add_argument(
+        "--metadata-listen",
+        type=host_port,
+        default=None,
+        help="HOST:PORT serving /metadata/v1/... about the droplet whose address asks "
+        "(what a droplet finds at 169.254.169.254)",
+    )
+    parser.add_argument(
         "--token-file",
         type=Path,
         default=None,
         help=f"file holding the token to accept (else env {TOKEN_ENV})",
+    )
+    parser.add_argument(
+        "--token-scopes",
+        type=scope_list,
+        default=None,
+        metavar="SCOPE[,SCOPE...]",
+        help="make the token custom-scoped (e.g. reserved_ip:read,reserved_ip:update); "
+        "default: full access",
     )
     parser.add_argument(
         "--reserved-ip",
@@ -108,8 +128,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=droplet_spec,
         action="append",
         default=[],
-        metavar="ID=REGION[=WEB_URL]",
-        help="a droplet (repeatable)",
+        metavar="ID=REGION[=WEB_URL]|JSON",
+        help="a droplet (repeatable); JSON also sets name, tags, public_ipv4, private_ipv4, "
+        "boot_seconds",
     )
     parser.add_argument(
         "--action-seconds",
@@ -170,9 +191,17 @@ def build_emulator(args: argparse.Namespace) -> Emulator:
     )
     try:
         settings.validate()
-        emulator = Emulator(read_token(args), settings, edge_ip=args.edge_reserved_ip)
+        try:
+            emulator = Emulator(
+                read_token(args),
+                settings,
+                token_scopes=args.token_scopes,
+                edge_ip=args.edge_reserved_ip,
+            )
+        except ValueError as error:
+            raise UsageError(f"--token-scopes: {error}") from None
         for droplet in args.droplet:
-            emulator.state.add_droplet(droplet.id, droplet.region, droplet.web_url)
+            droplet.add_to(emulator.state)
         for spec in args.reserved_ip:
             emulator.state.add_reserved_ip(spec.ip, spec.region, spec.droplet_id)
     except ValueError as error:
@@ -188,18 +217,27 @@ def build_emulator(args: argparse.Namespace) -> Emulator:
 
 
 async def serve_until_signalled(
-    emulator: Emulator, listen: str, edge_listen: str | None, tls: TlsFiles | None
+    emulator: Emulator, args: argparse.Namespace, tls: TlsFiles | None
 ) -> None:
     from .server import ServingAt, serve
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             serving: ServingAt = await nursery.start(
-                partial(serve, emulator, listen=listen, edge_listen=edge_listen, tls=tls)
+                partial(
+                    serve,
+                    emulator,
+                    listen=args.listen,
+                    edge_listen=args.edge_listen,
+                    metadata_listen=args.metadata_listen,
+                    tls=tls,
+                )
             )
             line = f"emulator listening on {serving.api_url}"
             if serving.edge_url is not None:
                 line += f" edge on {serving.edge_url}"
+            if serving.metadata_url is not None:
+                line += f" metadata on {serving.metadata_url}"
             print(line, flush=True)
             async for _ in signals:
                 nursery.cancel_scope.cancel()
@@ -217,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
 
     tls = TlsFiles(args.tls_cert, args.tls_key) if args.tls_cert is not None else None
     try:
-        trio.run(serve_until_signalled, emulator, args.listen, args.edge_listen, tls)
+        trio.run(serve_until_signalled, emulator, args, tls)
     except OSError as error:
         print(f"fip-sidecar emulate: cannot listen: {error}", file=sys.stderr)
         return 1

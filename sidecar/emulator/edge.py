@@ -47,7 +47,10 @@ def build_edge_app(emulator: Emulator, client: httpx.AsyncClient) -> Starlette:
         holder = emulator.state.holder_at(ip, as_of)
         if holder is None:
             return PlainTextResponse(f"no droplet holds reserved IP {ip}\n", status_code=503)
-        web_url = emulator.state.droplets[holder].web_url
+        droplet = emulator.state.droplets.get(holder)
+        if droplet is None:
+            return PlainTextResponse(f"droplet {holder} was destroyed\n", status_code=502)
+        web_url = droplet.web_url
         if web_url is None:
             return PlainTextResponse(
                 f"droplet {holder} holds {ip} but has no web service configured\n",

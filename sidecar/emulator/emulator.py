@@ -11,12 +11,14 @@ from __future__ import annotations
 import random
 import time
 from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 from .faults import Faults
 from .ratelimit import RateLimiter
 from .settings import EmulatorSettings
 from .state import AccountState, Clock
+from .tokens import TokenRegistry
 
 
 class RequestLog:
@@ -41,13 +43,18 @@ class RequestLog:
 
 
 class Emulator:
-    """The shared heart of the emulator process (or of an in-process test)."""
+    """The shared heart of the emulator process (or of an in-process test).
+
+    `token` is accepted with full access, or only with `token_scopes` when given (a
+    custom-scoped token); `tokens` can issue, re-scope and revoke tokens later.
+    """
 
     def __init__(
         self,
         token: str,
         settings: EmulatorSettings | None = None,
         *,
+        token_scopes: Iterable[str] | None = None,
         clock: Clock = time.monotonic,
         wall_clock: Clock = time.time,
         rng: random.Random | None = None,
@@ -56,6 +63,8 @@ class Emulator:
         if not token:
             raise ValueError("the emulator needs a non-empty API token to accept")
         self.token = token
+        self.tokens = TokenRegistry()
+        self.tokens.grant(token, token_scopes)
         self.settings = settings if settings is not None else EmulatorSettings()
         self.clock = clock
         self.state = AccountState(self.settings, clock=clock, wall_clock=wall_clock)

@@ -2,8 +2,11 @@
 
 They exist so tests can show the sidecar's client surviving what the real API does on a
 bad day: slowness, random 5xx, a full outage (answers 503, or accepts the connection and
-never answers), a burst of 429s, and actions that end `errored`. Deadlines are values of
-the emulator's clock, so "for N seconds" works the same under a mock clock.
+never answers), a burst of 429s, actions that end `errored`, actions that end with a status
+the spec does not list (DigitalOcean once answered `done` instead of `completed`), and a
+droplet event (a backup, a resize) that makes the API refuse to assign a reserved IP to
+that droplet until it ends. Deadlines are values of the emulator's clock, so "for N
+seconds" works the same under a mock clock.
 
 Faults touch only the `/v2/` API: the metadata service and the admin endpoints stay up,
 so a test can always switch a fault off again.
@@ -17,6 +20,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from .state import DROPLET_EVENT_KINDS, DropletEventKind
+
 OutageMode = Literal["error", "hang"]
 
 ERROR_IDS = {
@@ -25,6 +30,14 @@ ERROR_IDS = {
     503: "service_unavailable",
     504: "gateway_timeout",
 }
+
+
+class DropletEvent(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    """A droplet event to start now: `{"droplet_id": 1002, "type": "backup", "seconds": 30}`."""
+
+    droplet_id: int
+    type: DropletEventKind = "backup"
+    seconds: float = 30.0
 
 
 class FaultUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
@@ -44,6 +57,10 @@ class FaultUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froz
     outage_mode: OutageMode | None = None
     force_429_seconds: float | None = None
     action_error_rate: float | None = None
+    action_completed_status: str | None = None
+    """How a completed action's `status` is spelled from now on ("" restores `completed`)."""
+    droplet_event: DropletEvent | None = None
+    """Start this droplet event (state, not a switch: `clear` does not end it)."""
 
     def validate(self) -> None:
         for name in ("error_rate", "action_error_rate"):
@@ -58,6 +75,16 @@ class FaultUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froz
             raise ValueError(f"error_status must be one of {sorted(ERROR_IDS)}")
         if self.outage_seconds is not None and self.outage_until_monotonic is not None:
             raise ValueError("give outage_seconds or outage_until_monotonic, not both")
+        status = self.action_completed_status
+        if status is not None and status in ("in-progress", "errored"):
+            raise ValueError(f"action_completed_status {status!r} would not be an unknown status")
+        if status is not None and len(status) > 64:
+            raise ValueError("action_completed_status is longer than 64 characters")
+        event = self.droplet_event
+        if event is not None and event.type not in DROPLET_EVENT_KINDS:
+            raise ValueError(f"droplet_event.type must be one of {', '.join(DROPLET_EVENT_KINDS)}")
+        if event is not None and not event.seconds > 0.0:
+            raise ValueError(f"droplet_event.seconds must be > 0, got {event.seconds!r}")
 
 
 @dataclass
@@ -71,6 +98,7 @@ class Faults:
     outage_mode: OutageMode = "error"
     force_429_until: float | None = None
     action_error_rate: float = 0.0
+    action_completed_status: str = "completed"
 
     def update(self, change: FaultUpdate, now: float) -> None:
         change.validate()
@@ -93,6 +121,8 @@ class Faults:
             self.force_429_until = now + change.force_429_seconds
         if change.action_error_rate is not None:
             self.action_error_rate = change.action_error_rate
+        if change.action_completed_status is not None:
+            self.action_completed_status = change.action_completed_status or "completed"
 
     def outage_remaining(self, now: float) -> float:
         return max(0.0, self.outage_until - now) if self.outage_until is not None else 0.0
@@ -120,5 +150,6 @@ class Faults:
             "force_429_until_monotonic": self.force_429_until,
             "force_429_remaining_seconds": self.force_429_remaining(now),
             "action_error_rate": self.action_error_rate,
+            "action_completed_status": self.action_completed_status,
             "now_monotonic": now,
         }

@@ -10,7 +10,6 @@ invents JSON of its own.
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import uuid
 from typing import Any
 from urllib.parse import urlencode
@@ -56,13 +55,43 @@ def region(slug: str) -> dict[str, Any]:
     }
 
 
-def droplet_public_ipv4(droplet_id: int) -> str:
-    """A stable stand-in public address from the benchmark range 198.18.0.0/15."""
-    return str(ipaddress.IPv4Address("198.18.0.0") + (droplet_id % 131_070) + 1)
+PUBLIC_NETMASK = "255.254.0.0"
+PUBLIC_GATEWAY = "198.18.0.1"
+PRIVATE_NETMASK = "255.255.0.0"
+PRIVATE_GATEWAY = "nil"
+"""The spec's own example: "For private interfaces, a gateway is not provided. This is
+denoted by returning `nil` as its value." """
 
 
-def droplet(d: Droplet) -> dict[str, Any]:
-    """The droplet object as the real API embeds it in a reserved IP."""
+def networks_v4(d: Droplet) -> list[dict[str, Any]]:
+    """The droplet's IPv4 networks, private first as in the API's examples."""
+    networks = []
+    if d.private_ipv4 is not None:
+        networks.append(
+            {
+                "ip_address": d.private_ipv4,
+                "netmask": PRIVATE_NETMASK,
+                "gateway": PRIVATE_GATEWAY,
+                "type": "private",
+            }
+        )
+    networks.append(
+        {
+            "ip_address": d.public_ipv4,
+            "netmask": PUBLIC_NETMASK,
+            "gateway": PUBLIC_GATEWAY,
+            "type": "public",
+        }
+    )
+    return networks
+
+
+def droplet(d: Droplet, *, booting: bool = False) -> dict[str, Any]:
+    """The droplet object (`GET /v2/droplets/{id}`, and embedded in a reserved IP).
+
+    A droplet still booting (its `create` event runs) is `new` and has no addresses yet,
+    as on the real platform, where they appear once it is provisioned.
+    """
     size = {
         "slug": "s-1vcpu-1gb",
         "memory": 1024,
@@ -98,10 +127,10 @@ def droplet(d: Droplet) -> dict[str, Any]:
         "vcpus": 1,
         "disk": 25,
         "locked": False,
-        "status": "active",
+        "status": "new" if booting else "active",
         "kernel": None,
         "created_at": iso8601(d.created_epoch),
-        "features": ["ipv6", "metadata"],
+        "features": ["ipv6", "metadata"] + (["private_networking"] if d.private_ipv4 else []),
         "backup_ids": [],
         "next_backup_window": None,
         "snapshot_ids": [],
@@ -109,24 +138,15 @@ def droplet(d: Droplet) -> dict[str, Any]:
         "volume_ids": [],
         "size": size,
         "size_slug": "s-1vcpu-1gb",
-        "networks": {
-            "v4": [
-                {
-                    "ip_address": droplet_public_ipv4(d.id),
-                    "netmask": "255.254.0.0",
-                    "gateway": "198.18.0.1",
-                    "type": "public",
-                }
-            ],
-            "v6": [],
-        },
+        "networks": {"v4": [] if booting else networks_v4(d), "v6": []},
         "region": region(d.region),
-        "tags": [],
+        "tags": list(d.tags),
         "vpc_uuid": str(uuid.uuid5(uuid.NAMESPACE_URL, f"fip-emulator-vpc:{d.region}")),
     }
 
 
 def reserved_ip(r: ReservedIP, holder: Droplet | None, *, locked: bool) -> dict[str, Any]:
+    """The reserved IP object; a droplet that holds an IP has booted, so it is `active`."""
     return {
         "ip": r.ip,
         "region": region(r.region),
@@ -136,10 +156,13 @@ def reserved_ip(r: ReservedIP, holder: Droplet | None, *, locked: bool) -> dict[
     }
 
 
-def action(a: Action, *, with_project_id: str | None = None) -> dict[str, Any]:
+def action(
+    a: Action, *, with_project_id: str | None = None, completed_status: str = "completed"
+) -> dict[str, Any]:
+    """The action object; `completed_status` respells `completed` (a fault, see faults.py)."""
     body: dict[str, Any] = {
         "id": a.id,
-        "status": a.status,
+        "status": completed_status if a.status == "completed" else a.status,
         "type": a.api_type,
         "started_at": iso8601(a.started_epoch),
         "completed_at": iso8601(a.completed_epoch) if a.status != "in-progress" else None,
@@ -157,12 +180,21 @@ def error(error_id: str, message: str) -> dict[str, Any]:
     return {"id": error_id, "message": message, "request_id": str(uuid.uuid4())}
 
 
-def page_links(base_url: str, page: int, per_page: int, total: int) -> dict[str, Any]:
-    """The `links` object of a list response: `pages` only when there is another page."""
+def page_links(
+    base_url: str,
+    page: int,
+    per_page: int,
+    total: int,
+    kept: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The `links` object of a list response: `pages` only when there is another page.
+
+    `kept` are query parameters every link repeats (a filter such as `tag_name`).
+    """
     last = max(1, -(-total // per_page))
 
     def url(n: int) -> str:
-        return f"{base_url}?{urlencode({'page': n, 'per_page': per_page})}"
+        return f"{base_url}?{urlencode({'page': n, 'per_page': per_page, **(kept or {})})}"
 
     pages: dict[str, str] = {}
     if page > 1:

@@ -14,6 +14,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from .app import build_app
 from .edge import build_edge_app
 from .emulator import Emulator
+from .metadata import build_metadata_app
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class ServingAt:
 
     api_url: str
     edge_url: str | None
+    metadata_url: str | None = None
 
 
 def hypercorn_config(listen: str, tls: TlsFiles | None) -> Config:
@@ -50,12 +52,14 @@ async def serve(
     *,
     listen: str,
     edge_listen: str | None = None,
+    metadata_listen: str | None = None,
     tls: TlsFiles | None = None,
     task_status: trio.TaskStatus[ServingAt] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until cancelled; `task_status.started` gets the URLs once both listen.
+    """Serve until cancelled; `task_status.started` gets the URLs once all listen.
 
-    TLS applies to the API port only: the edge stands for plain traffic to the IP.
+    TLS applies to the API port only: the edge stands for plain traffic to the IP, and
+    the metadata service is plain http on the platform too.
     """
     async with (
         httpx.AsyncClient(trust_env=False, follow_redirects=False) as client,
@@ -74,4 +78,12 @@ async def serve(
                 hypercorn_serve, build_edge_app(emulator, client), edge_config
             )
             edge_url = edge_binds[0]
-        task_status.started(ServingAt(api_url=api_binds[0], edge_url=edge_url))
+        metadata_url = None
+        if metadata_listen is not None:
+            metadata_binds: list[str] = await nursery.start(
+                hypercorn_serve,
+                build_metadata_app(emulator),
+                hypercorn_config(metadata_listen, None),
+            )
+            metadata_url = metadata_binds[0]
+        task_status.started(ServingAt(api_binds[0], edge_url, metadata_url))

@@ -9,6 +9,11 @@ complete exactly when the mock clock passes their deadline.
 Two timelines are kept per IP: the current holder (what the API reports) and every
 change with its clock time (what the edge needs to route "as of a moment ago", and what
 tests read from `/_emulator/history`).
+
+Droplets have events of their own (their boot, a backup, a resize), modelled as actions
+that take time and move no IP: while one runs, the real API refuses to assign a reserved IP
+to that droplet (422 "Droplet already has a pending event."), which is what a failover
+meets when the standby happens to be backed up at that moment.
 """
 
 from __future__ import annotations
@@ -18,15 +23,18 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from .settings import EmulatorSettings
 
 Clock = Callable[[], float]
 
 ActionKind = Literal["assign", "unassign"]
+DropletEventKind = Literal["create", "reboot", "power_cycle", "backup", "snapshot", "resize"]
+"""Droplet events the emulator can run; `create` is a new droplet's boot."""
 ActionStatus = Literal["in-progress", "completed", "errored"]
-AssignmentSource = Literal["initial", "api", "manual"]
+AssignmentSource = Literal["initial", "api", "manual", "destroyed"]
+DROPLET_EVENT_KINDS: tuple[DropletEventKind, ...] = get_args(DropletEventKind)
 
 FIRST_ACTION_ID = 2_000_000_001
 """Real action ids are large integers; starting high catches clients that assume small ones."""
@@ -50,18 +58,42 @@ def unprocessable(message: str) -> EmulatorError:
     return EmulatorError(422, "unprocessable_entity", message)
 
 
+def pending_droplet_event() -> EmulatorError:
+    return unprocessable("Droplet already has a pending event.")
+
+
+def default_public_ipv4(droplet_id: int) -> str:
+    """A stable stand-in public address from the benchmark range 198.18.0.0/15."""
+    return str(ipaddress.IPv4Address("198.18.0.0") + (droplet_id % 131_070) + 1)
+
+
 @dataclass
 class Droplet:
-    """A droplet the account owns; `web_url` is where the edge sends its traffic."""
+    """A droplet the account owns; `web_url` is where the edge sends its traffic.
+
+    `public_ipv4` defaults to a stable address derived from the id; `private_ipv4` (the
+    VPC address) is optional, as on a droplet created without one.
+    """
 
     id: int
     region: str
     web_url: str | None = None
+    name: str = ""
+    tags: tuple[str, ...] = ()
+    public_ipv4: str = ""
+    private_ipv4: str | None = None
     created_epoch: float = field(default_factory=time.time)
 
+    def __post_init__(self) -> None:
+        if not self.name:
+            self.name = f"emulated-droplet-{self.id}"
+        if not self.public_ipv4:
+            self.public_ipv4 = default_public_ipv4(self.id)
+
     @property
-    def name(self) -> str:
-        return f"emulated-droplet-{self.id}"
+    def addresses(self) -> tuple[str, ...]:
+        private = () if self.private_ipv4 is None else (self.private_ipv4,)
+        return (self.public_ipv4, *private)
 
 
 @dataclass
@@ -84,11 +116,12 @@ class ReservedIP:
 
 @dataclass
 class Action:
-    """An assign or unassign that takes `action_seconds` to complete."""
+    """An assign or unassign that takes `action_seconds` to complete, or a droplet event
+    (`ip` None, `target_droplet_id` the droplet) that takes as long as it was given."""
 
     id: int
-    kind: ActionKind
-    ip: str
+    kind: ActionKind | DropletEventKind
+    ip: str | None
     region: str
     resource_id: int
     resource_type: str
@@ -103,6 +136,8 @@ class Action:
 
     @property
     def api_type(self) -> str:
+        if self.ip is None:
+            return self.kind
         return "assign_ip" if self.kind == "assign" else "unassign_ip"
 
     @property
@@ -150,14 +185,66 @@ class AccountState:
 
     # ---- setup -------------------------------------------------------------------------
 
-    def add_droplet(self, droplet_id: int, region: str, web_url: str | None = None) -> Droplet:
-        if droplet_id in self.droplets:
+    def add_droplet(
+        self,
+        droplet_id: int,
+        region: str,
+        web_url: str | None = None,
+        *,
+        name: str = "",
+        tags: tuple[str, ...] = (),
+        public_ipv4: str | None = None,
+        private_ipv4: str | None = None,
+        boot_seconds: float = 0.0,
+        replace: bool = False,
+    ) -> Droplet:
+        """Add a droplet (or, with `replace`, change one's attributes in place).
+
+        `boot_seconds` > 0 starts its `create` event: the droplet is `new`, has no
+        addresses yet and cannot take a reserved IP until the event ends.
+        """
+        if droplet_id in self.droplets and not replace:
             raise ValueError(f"droplet {droplet_id} is listed twice")
         if droplet_id < 1:
             raise ValueError(f"droplet id must be a positive integer, got {droplet_id}")
-        droplet = Droplet(droplet_id, region, web_url, created_epoch=self.wall_clock())
+        if not boot_seconds >= 0.0:
+            raise ValueError(f"boot_seconds must be >= 0, got {boot_seconds!r}")
+        old = self.droplets.get(droplet_id)
+        droplet = Droplet(
+            droplet_id,
+            region,
+            web_url,
+            name=name,
+            tags=tuple(tags),
+            public_ipv4=_address("public_ipv4", public_ipv4) if public_ipv4 else "",
+            private_ipv4=_address("private_ipv4", private_ipv4) if private_ipv4 else None,
+            created_epoch=old.created_epoch if old is not None else self.wall_clock(),
+        )
+        if old is not None and old.region != region:
+            raise ValueError(f"droplet {droplet_id}: a droplet cannot change region")
+        for other in self.droplets.values():
+            shared = set(other.addresses) & set(droplet.addresses)
+            if other.id != droplet_id and shared:
+                raise ValueError(
+                    f"droplet {droplet_id}: address {min(shared)} is droplet {other.id}'s"
+                )
         self.droplets[droplet_id] = droplet
+        if boot_seconds > 0.0:
+            self.start_droplet_event(droplet_id, "create", boot_seconds)
         return droplet
+
+    def remove_droplet(self, droplet_id: int) -> None:
+        """Destroy a droplet: its reserved IP is released (on the record, as `destroyed`)
+        and actions still running on it end `errored`."""
+        self.settle()
+        self.droplet(droplet_id)
+        for action in self._in_progress(lambda a: a.target_droplet_id == droplet_id):
+            action.will_error = True
+        held = self.ip_of_droplet(droplet_id)
+        if held is not None:
+            now, epoch = self.clock(), self.wall_clock()
+            self._apply(held, None, None, "destroyed", now, epoch, now, epoch)
+        del self.droplets[droplet_id]
 
     def add_reserved_ip(self, ip: str, region: str, droplet_id: int | None = None) -> ReservedIP:
         """Add an IP, optionally already pointing at a droplet (recorded as `initial`)."""
@@ -195,6 +282,8 @@ class AccountState:
                 action.status = "errored"
                 continue
             action.status = "completed"
+            if action.ip is None:
+                continue  # a droplet event moves no IP
             reserved = self.reserved_ips[action.ip]
             self._apply(
                 reserved,
@@ -229,6 +318,28 @@ class AccountState:
         if droplet is None:
             raise not_found()
         return droplet
+
+    def list_droplets(self, *, tag: str | None = None, name: str | None = None) -> list[Droplet]:
+        """Droplets by id, only those carrying `tag` or named `name` (case-insensitive)."""
+        return [
+            d
+            for _, d in sorted(self.droplets.items())
+            if (tag is None or tag in d.tags) and (name is None or d.name.lower() == name.lower())
+        ]
+
+    def droplet_at_address(self, address: str) -> Droplet | None:
+        """The droplet with this public or private address (how metadata knows its caller)."""
+        return next((d for d in self.droplets.values() if address in d.addresses), None)
+
+    def is_booting(self, droplet_id: int) -> bool:
+        """True while the droplet's `create` event runs (the API says status `new`)."""
+        self.settle()
+        return any(
+            True
+            for _ in self._in_progress(
+                lambda a: a.ip is None and a.kind == "create" and a.target_droplet_id == droplet_id
+            )
+        )
 
     def ip_of_droplet(self, droplet_id: int) -> ReservedIP | None:
         """The reserved IP this droplet holds now (a droplet can hold at most one)."""
@@ -298,7 +409,7 @@ class AccountState:
                 raise unprocessable("droplet_id is required to assign a reserved IP.")
             self._check_can_hold(reserved, droplet_id)
             if any(True for _ in self._in_progress(lambda a: a.involves_droplet(droplet_id))):
-                raise unprocessable("The droplet already has a pending event.")
+                raise pending_droplet_event()
         elif reserved.droplet_id is None:
             raise unprocessable("The reserved IP is not assigned to a droplet.")
         now, epoch = self.clock(), self.wall_clock()
@@ -316,6 +427,37 @@ class AccountState:
             completes_clock=now + self.settings.action_seconds,
             visible_from_clock=now + self.settings.action_404_seconds,
             will_error=will_error,
+        )
+        self._next_action_id += 1
+        self.actions[action.id] = action
+        return action
+
+    def start_droplet_event(
+        self, droplet_id: int, kind: DropletEventKind, seconds: float
+    ) -> Action:
+        """Begin a droplet event lasting `seconds` (the real API refuses a second one)."""
+        self.settle()
+        droplet = self.droplet(droplet_id)
+        if kind not in DROPLET_EVENT_KINDS:
+            raise ValueError(f"droplet event type must be one of {', '.join(DROPLET_EVENT_KINDS)}")
+        if not seconds > 0.0:
+            raise ValueError(f"a droplet event lasts > 0 seconds, got {seconds!r}")
+        if any(True for _ in self._in_progress(lambda a: a.involves_droplet(droplet_id))):
+            raise pending_droplet_event()
+        now, epoch = self.clock(), self.wall_clock()
+        action = Action(
+            id=self._next_action_id,
+            kind=kind,
+            ip=None,
+            region=droplet.region,
+            resource_id=droplet_id,
+            resource_type="droplet",
+            target_droplet_id=droplet_id,
+            source_droplet_id=None,
+            started_clock=now,
+            started_epoch=epoch,
+            completes_clock=now + seconds,
+            visible_from_clock=now,
         )
         self._next_action_id += 1
         self.actions[action.id] = action
@@ -397,3 +539,10 @@ class AccountState:
         reserved.droplet_id = droplet_id
         self.history.append(entry)
         return entry
+
+
+def _address(key: str, value: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        raise ValueError(f"{key} {value!r} is not an IPv4 address") from None

@@ -2,9 +2,8 @@
 
 The excerpt lives beside the repository (`../shared/do-openapi`, where CI has it too). Its
 YAML files `$ref` each other by relative path; a `referencing` registry loads them on
-demand so the schemas are used exactly as published. Two files the excerpt does not copy
-(`regions/models/region.yml`, `droplets/models/droplet.yml`) resolve to the empty schema,
-as the excerpt's README says; the tests check those objects' required fields themselves.
+demand so the schemas are used exactly as published (the droplet, region, image and size
+models included). A file the excerpt does not copy would resolve to the empty schema.
 """
 
 from __future__ import annotations
@@ -21,7 +20,16 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT4
 
 REPO = Path(__file__).resolve().parents[2]
-SPEC_DIR = REPO.parent / "shared" / "do-openapi" / "specification"
+
+
+def _find_spec_dir() -> Path:
+    """`shared/do-openapi/specification` beside the repository, or beside an ancestor of it
+    (a git worktree under `wt/NAME` sits one level deeper than the main checkout)."""
+    candidates = [base / "shared" / "do-openapi" / "specification" for base in REPO.parents]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
+SPEC_DIR = _find_spec_dir()
 MISSING_REASON = f"DigitalOcean OpenAPI excerpt not found at {SPEC_DIR}"
 
 # (method, path pattern) -> the operation file that documents it, relative to SPEC_DIR.
@@ -53,6 +61,8 @@ OPERATIONS: list[tuple[str, re.Pattern[str], str]] = [
     ),
     ("GET", re.compile(r"/v2/actions"), "resources/actions/actions_list.yml"),
     ("GET", re.compile(r"/v2/actions/[^/]+"), "resources/actions/actions_get.yml"),
+    ("GET", re.compile(r"/v2/droplets"), "resources/droplets/droplets_list.yml"),
+    ("GET", re.compile(r"/v2/droplets/[^/]+"), "resources/droplets/droplets_get.yml"),
 ]
 DEFAULT_OPERATION = (
     "resources/actions/actions_get.yml"  # any operation: its `default` is the error body
@@ -119,6 +129,8 @@ TOP_LEVEL_KEYS = {
     "resources/reserved_ips/reservedIPsActions_get.yml": {"action"},
     "resources/actions/actions_list.yml": {"actions", "links", "meta"},
     "resources/actions/actions_get.yml": {"action"},
+    "resources/droplets/droplets_list.yml": {"droplets", "links", "meta"},
+    "resources/droplets/droplets_get.yml": {"droplet"},
 }
 
 
