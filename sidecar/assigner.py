@@ -498,7 +498,11 @@ class Assigner:
         )
 
     async def _follow(self, action: Action) -> str:
-        """Poll the action until it ends, it vanishes (404) or `action_timeout` passes."""
+        """Poll the action until it ends, it vanishes (404) or `action_timeout` passes.
+
+        Returns `completed`, `errored`, `timeout`, or `unknown` (vanished, or ended with a
+        status the spec does not list); after any of them the caller re-reads the IP.
+        """
         with trio.move_on_after(self._settings.action_timeout):
             while not action.done:
                 await trio.sleep(self._settings.action_poll_interval)
@@ -509,6 +513,14 @@ class Assigner:
                     return "unknown"
                 except ProviderError as exc:
                     await self._back_off(exc)
+            if action.status not in ("completed", "errored"):
+                # Not in the spec (DigitalOcean once said `done`): it is over, but only the
+                # IP can say how; the caller reads it next.
+                logger.warning(
+                    "action ended with an unknown status; reading the reserved IP",
+                    extra={**self._log_fields, "action_status": action.status},
+                )
+                return "unknown"
             return action.status
         return "timeout"
 

@@ -39,7 +39,7 @@ import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Mapping
-from typing import Any, Final, Literal, NamedTuple, TypeVar
+from typing import Annotated, Any, Final, Literal, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -54,6 +54,11 @@ TOKEN_ENV_VAR: Final = "DIGITALOCEAN_TOKEN"
 
 ApiFlavor = Literal["reserved_ip", "floating_ip"]
 ActionStatus = Literal["in-progress", "completed", "errored"]
+"""The statuses the spec lists. `Action.status` keeps whatever word the API sent: it once
+answered `done` for `completed`, and a client that refused that would poll a finished
+action until it gave up."""
+# Any other non-empty word is accepted as "no longer running"; the caller reads the IP.
+_StatusWire = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 
 # A status label for a request that got no HTTP answer at all (refused, reset, timed out).
 NO_RESPONSE: Final = "network_error"
@@ -428,10 +433,13 @@ class ReservedIP(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Action(msgspec.Struct, frozen=True, kw_only=True):
-    """An API action (assign/unassign); poll it until `status` is not `in-progress`."""
+    """An API action (assign/unassign); poll it until `status` is not `in-progress`.
+
+    `status` is usually one of `ActionStatus`, but may be a word the spec does not list.
+    """
 
     id: int
-    status: ActionStatus
+    status: str
     type: str
     started_at: str | None = None
     completed_at: str | None = None
@@ -483,7 +491,7 @@ class _ReservedIPListEnvelope(msgspec.Struct):
 
 class _ActionWire(msgspec.Struct):
     id: int
-    status: ActionStatus
+    status: _StatusWire
     type: str
     started_at: str | None = None
     completed_at: str | None = None

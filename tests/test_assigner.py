@@ -949,3 +949,24 @@ async def test_emulator_hang_is_cancelled_when_leadership_is_lost(
         assert trio.current_time() == lost_at
         nursery.cancel_scope.cancel()
     assert holders(emulator) == [OTHER]
+
+
+async def test_an_action_ending_with_an_unknown_status_is_settled_by_reading_the_ip(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """DigitalOcean once answered `done` instead of `completed`: the assigner must not poll
+    such an action until `action_timeout` (90 s) nor call it a failure; the IP says what
+    happened."""
+    leadership, observer = FakeLeadership(), RecordingObserver()
+    async with trio.open_nursery() as nursery:
+        emulator, assigner = start_emulated(nursery, leadership, observer, action_seconds=2.0)
+        emulator.faults.update(FaultUpdate(action_completed_status="done"), trio.current_time())
+        leadership.gain()
+        await trio.sleep(10)
+        snapshot = assigner.snapshot()
+        nursery.cancel_scope.cancel()
+    assert holders(emulator) == [OTHER, ME]
+    assert [outcome for _, outcome in observer.assignments] == ["unknown"]
+    assert observer.assignments[0][0] <= 3.0, "the first poll that says `done` ends it"
+    assert snapshot.holder_droplet_id == ME, "the IP was read again after the action"
+    assert snapshot.last_error is None

@@ -618,7 +618,8 @@ async def test_malformed_reserved_ip_answers(body: bytes, caplog: pytest.LogCapt
     "action",
     [
         {"id": 1, "type": "assign_ip"},
-        {"id": 1, "status": "exploded", "type": "assign_ip"},
+        {"id": 1, "status": 7, "type": "assign_ip"},
+        {"id": 1, "status": "", "type": "assign_ip"},
         {"id": "1", "status": "completed", "type": "assign_ip"},
         {"status": "completed", "type": "assign_ip"},
     ],
@@ -630,6 +631,15 @@ async def test_malformed_actions(action: dict[str, Any]) -> None:
     async with mock_client(handler) as client:
         with pytest.raises(MalformedResponse):
             await client.assign(IP, 1001)
+
+
+async def test_an_unknown_action_status_is_kept_and_means_finished() -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(201, json=action_body(1, "done"))
+
+    async with mock_client(handler) as client:
+        action = await client.assign(IP, 1001)
+    assert action.status == "done" and action.done
 
 
 async def test_huge_bodies_are_refused_without_reading_them_all() -> None:
