@@ -30,6 +30,14 @@ middle for the action, and 1 s stands for the network converging after the API r
 the action complete (the docs give no figure; announcements settle "within seconds").
 For the pessimistic end run `--slow-action-seconds 11`.
 
+A third phase, `pending-event`, measures what a busy standby costs: at the kill, droplet
+1002 (the failover target) has a droplet event in flight (`--event-type backup`, for
+`--event-seconds`), during which DigitalOcean refuses to assign it a reserved IP (422
+"Droplet already has a pending event."). The assigner waits `unprocessable_delay` (2-3 s,
+jittered) between attempts, so the outage is the election plus the event plus up to one
+such wait. Action time and propagation are zero there, so only that cost shows (in the
+`request` part: from `gained` to the POST the API accepted).
+
 Restoring between trials (`--restore`):
 - `restart` (default): start node 1's web service and sidecar again; with a short
   `preempt_delay` (0.5 s) node 1 takes the lead and the IP back once healthy, then the
@@ -40,7 +48,7 @@ Restoring between trials (`--restore`):
 Every wait is bounded, `--max-seconds` bounds the whole run, and every process is stopped
 by PID at the end.
 
-    .venv/bin/python bench/downtime.py --trials 20 --slow-trials 5
+    .venv/bin/python bench/downtime.py --trials 20 --slow-trials 5 --event-trials 5
 """
 
 from __future__ import annotations
@@ -59,6 +67,7 @@ from pathlib import Path
 
 import httpx
 
+from sidecar.emulator.state import DROPLET_EVENT_KINDS
 from sidecar.localcluster import ClusterError, LocalCluster, overlaps
 
 DROPLET_1 = 1001
@@ -78,6 +87,16 @@ class Phase:
     action_seconds: float
     propagation_delay: float
     trials: int
+    #: A droplet event on the failover target, started at the kill: (type, seconds).
+    target_event: tuple[str, float] | None = None
+
+    @property
+    def label(self) -> str:
+        label = f"{self.name} (action {self.action_seconds:g} s, "
+        label += f"propagation {self.propagation_delay:g} s"
+        if self.target_event is not None:
+            label += f", target {self.target_event[0]} {self.target_event[1]:g} s"
+        return label + ")"
 
 
 @dataclass
@@ -224,11 +243,26 @@ def wait_for_baseline(prober: Prober, successes: int = 10, timeout: float = 10.0
     raise ClusterError(f"the client had no {successes} answers from droplet 1 in {timeout}s")
 
 
+def start_target_event(cluster: LocalCluster, kind: str, seconds: float) -> None:
+    """Give the failover target a droplet event (the emulator's `droplet_event` fault)."""
+    event = {"droplet_id": DROPLET_2, "type": kind, "seconds": seconds}
+    with httpx.Client(trust_env=False, timeout=2.0) as client:
+        response = client.post(
+            f"{cluster.emulator_url}/_emulator/faults", json={"droplet_event": event}
+        )
+    if response.status_code != 200:
+        raise ClusterError(f"the emulator refused the droplet event: {response.text}")
+
+
 def measure_one(cluster: LocalCluster, phase: Phase, interval: float) -> Trial:
     assert cluster.edge_url is not None
     bound = 20.0 + 2 * (phase.action_seconds + phase.propagation_delay)
+    if phase.target_event is not None:
+        bound += phase.target_event[1]
     with Prober(cluster.edge_url, interval) as prober:
         wait_for_baseline(prober)
+        if phase.target_event is not None:
+            start_target_event(cluster, *phase.target_event)
         killed = cluster.kill(1)
         cluster.kill_web(1)
         deadline = time.monotonic() + bound
@@ -318,22 +352,19 @@ def print_table(results: Sequence[PhaseResult], args: argparse.Namespace) -> Non
         f"3 processes (2 eligible + 1 witness), profile lan, restore={args.restore}\n"
     )
     print(
-        f"{'phase':<42} {'n':>3} {'min':>7} {'p50':>7} {'p99':>7} {'max':>7}   "
+        f"{'phase':<62} {'n':>3} {'min':>7} {'p50':>7} {'p99':>7} {'max':>7}   "
         + "  ".join(f"{c + ' p50':>13}" for c in COMPONENTS)
     )
     for result in results:
         phase = result.phase
-        label = (
-            f"{phase.name} (action {phase.action_seconds:g} s, "
-            f"propagation {phase.propagation_delay:g} s)"
-        )
+        label = phase.label
         values = sorted(t.downtime for t in result.trials)
         if not values:
-            print(f"{label:<42} {0:>3}  (no samples)")
+            print(f"{label:<62} {0:>3}  (no samples)")
             continue
         medians = [statistics.median(t.parts[c] for t in result.trials) for c in COMPONENTS]
         print(
-            f"{label:<42} {len(values):>3} {values[0]:>7.3f} {percentile(values, 50):>7.3f}"
+            f"{label:<62} {len(values):>3} {values[0]:>7.3f} {percentile(values, 50):>7.3f}"
             f" {percentile(values, 99):>7.3f} {values[-1]:>7.3f}   "
             + "  ".join(f"{m:>13.3f}" for m in medians)
         )
@@ -359,6 +390,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--slow-trials", type=int, default=5, help="trials with slow actions")
     parser.add_argument("--slow-action-seconds", type=float, default=3.0)
     parser.add_argument("--slow-propagation-delay", type=float, default=1.0)
+    parser.add_argument(
+        "--event-trials", type=int, default=5, help="trials with the target busy (0: skip)"
+    )
+    parser.add_argument(
+        "--event-seconds", type=float, default=5.0, help="how long the target's event runs"
+    )
+    parser.add_argument(
+        "--event-type",
+        default="backup",
+        choices=DROPLET_EVENT_KINDS,
+    )
     parser.add_argument("--interval", type=float, default=0.02, help="client request period")
     parser.add_argument("--restore", choices=["restart", "fresh"], default="restart")
     parser.add_argument("--preempt-delay", type=float, default=0.5)
@@ -368,9 +410,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0.005 <= args.interval <= 1.0:
         parser.error("--interval must be between 0.005 and 1 s")
+    if not args.event_seconds > 0:
+        parser.error("--event-seconds must be > 0")
     phases = [
         Phase("zero-delay", 0.0, 0.0, args.trials),
         Phase("slow", args.slow_action_seconds, args.slow_propagation_delay, args.slow_trials),
+        Phase(
+            "pending-event",
+            0.0,
+            0.0,
+            args.event_trials,
+            target_event=(args.event_type, args.event_seconds),
+        ),
     ]
     deadline = time.monotonic() + args.max_seconds
     with tempfile.TemporaryDirectory(prefix="fip-downtime-") as scratch:
