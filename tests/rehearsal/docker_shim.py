@@ -192,6 +192,9 @@ def main(argv: list[str]) -> int:
         verb, rest = "inspect", rest[1:]
     if verb == "run":
         return run(rest)
+    if verb == "exec" and len(rest) == 4 and rest[1] == "kill" and rest[3] == "1":
+        # `docker exec NAME kill -HUP 1`: PID 1 of the container is its main process.
+        verb, rest = "kill", ["--signal", rest[2].lstrip("-"), rest[0]]
     signum: int = signal.SIGKILL
     names: list[str] = []
     i = 0

@@ -98,9 +98,10 @@ def _skip_atom(text: str, i: int) -> int | None:
 def _expression_end(text: str, i: int) -> int:
     """An attribute's expression runs to the first newline outside brackets and strings."""
     while i < len(text):
+        if text.startswith(("#", "//"), i):
+            return i  # a line comment ends the expression and is not part of it
         skipped = _skip_atom(text, i)
         if skipped is not None:
-            # A line comment ends the expression (its newline is next).
             i = skipped
             continue
         char = text[i]

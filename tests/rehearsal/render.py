@@ -150,7 +150,7 @@ def render_user_data(
     expression = f"jsonencode({every})\n"
     try:
         done = subprocess.run(
-            [binary, "console", f"-var-file={var_file}"],
+            [binary, "console", "-no-color", f"-var-file={var_file}"],
             input=expression,
             capture_output=True,
             text=True,
@@ -162,7 +162,8 @@ def render_user_data(
     except subprocess.TimeoutExpired:
         raise RenderError("terraform console took over 120 s") from None
     if done.returncode != 0:
-        raise RenderError(f"terraform console failed: {done.stderr.strip()[-2000:]}")
+        # Its own error comes first (a failed validation may be followed by a crash dump).
+        raise RenderError(f"terraform console failed: {done.stderr.strip()[:2000]}")
     rendered: dict[str, list[str]] = json.loads(json.loads(done.stdout))
     return [
         UserData(f"digitalocean_droplet.{name}[{index}]", text)
