@@ -97,12 +97,14 @@ def admin_routes(emulator: Emulator) -> list[BaseRoute]:
             return error_response(error)
         return JSONResponse(emulator.faults.describe(emulator.clock()))
 
-    async def put_droplet(request: Request) -> Response:
+    async def post_droplet(request: Request) -> Response:
         try:
             spec = decode_droplet(await request.body())
             spec.add_to(state, replace=True)
         except ValueError as error:
             return bad_request(str(error))
+        except EmulatorError as error:  # booting a droplet that has an event in flight
+            return error_response(error)
         return JSONResponse(droplet_entry(spec.id))
 
     async def delete_droplet(request: Request) -> Response:
@@ -206,7 +208,7 @@ def admin_routes(emulator: Emulator) -> list[BaseRoute]:
         Route("/_emulator/faults", get_faults, methods=["GET"]),
         Route("/_emulator/faults", post_faults, methods=["POST"]),
         Route("/_emulator/assign", assign, methods=["POST"]),
-        Route("/_emulator/droplets", put_droplet, methods=["POST"]),
+        Route("/_emulator/droplets", post_droplet, methods=["POST"]),
         Route("/_emulator/droplets/{droplet_id:int}", delete_droplet, methods=["DELETE"]),
         Route("/_emulator/tokens", grant_token, methods=["POST"]),
         Route("/_emulator/tokens/revoke", revoke_token, methods=["POST"]),
