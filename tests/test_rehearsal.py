@@ -11,7 +11,8 @@ metadata, as the droplet would see them.
 The steps run in order on one deployment (module fixture), each printing its figures:
 boot to the IP on node 1; a crash of node 1's sidecar (kill -9; Docker's restart policy
 brings it back, and it takes the IP back after preempt_delay); replacing droplet 2 with a
-new droplet at a new address, picked up by the others' apply timer; a revoked token.
+new droplet at a new address, picked up by the others' apply timer (a reload on SIGHUP, no
+restart) with zero IP moves; a revoked token, in the leader's /status and as a failed unit.
 
     .venv/bin/pytest tests/test_rehearsal.py -s
 """
@@ -303,14 +304,6 @@ def test_crash_of_node_1_moves_the_ip_and_it_comes_back(
     assert "exit -9" in node_1.container_events()
 
 
-RELOAD_MISSING = (
-    "zero moves needs live reload: fip-sidecar-apply must send SIGHUP instead of `docker "
-    "restart` (branch tf) and the sidecar must reload its peers on SIGHUP (the lead's work); "
-    "today the restart makes the leader resign, so the IP moves to node 2 and back"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=RELOAD_MISSING)
 def test_replacing_droplet_2_is_picked_up_without_moving_the_ip(
     deployment: Deployment, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -328,6 +321,7 @@ def test_replacing_droplet_2_is_picked_up_without_moving_the_ip(
         boot_all(deployment, [new])
         # The others' apply timer ticks (every 2 min on a droplet; here, now).
         before = {n: len(deployment.droplets[n].container_events()) for n in (1, 3)}
+        pids = {n: deployment.droplets[n].main_pid() for n in (1, 3)}
         with ThreadPoolExecutor(2) as pool:
             runs = list(pool.map(lambda n: deployment.droplets[n].fire_timer(), (1, 3)))
         did = {n: deployment.droplets[n].container_events()[before[n] :][:1] for n in (1, 3)}
@@ -342,6 +336,7 @@ def test_replacing_droplet_2_is_picked_up_without_moving_the_ip(
         )
     assert all("config written" in run.output for run in runs), [run.output for run in runs]
     assert peer_2["alive"], "nodes 1 and 3 reach node 2 at its new address"
+    assert {n: deployment.droplets[n].main_pid() for n in (1, 3)} == pids, "reloaded in place"
     assert moves == [], "the IP stays on droplet 1001 throughout"
 
 
@@ -368,13 +363,6 @@ def test_a_revoked_token_shows_in_the_leaders_status(
     assert "401" in error["message"] and TOKEN not in str(node_1.status())
 
 
-CONFIGURE_HIDES_401 = (
-    "configure_sidecar.py reports a 401 as 'not ready' without the status code and exits "
-    "75, which the unit's SuccessExitStatus counts as success (issue 9 item 2, branch tf)"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=CONFIGURE_HIDES_401)
 def test_a_revoked_token_fails_the_apply_unit_with_the_status_code(
     deployment: Deployment, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -5,10 +5,9 @@ with its own mounts and process tree (`droplet_init.py` is its PID 1). Before it
 the files of its user_data's `write_files` are laid into overlay layers for /etc and
 /usr/local, together with what the machine image would bring: /etc/hosts pointing
 api.digitalocean.com at the emulator, a CA bundle that trusts the emulator's CA, and a
-`docker` that runs images as local processes (`docker_shim.py`). Then `runcmd` runs as
-cloud-init would run it; `systemctl` lines are interpreted (units are started by running
-their `ExecStart=` and judged by their `SuccessExitStatus=`; the timer fires when the
-test says so, standing for its next tick).
+`docker` that runs images as local processes (`docker_shim.py`, at /usr/bin/docker). Then
+`runcmd` runs as cloud-init would run it; `systemctl` lines are interpreted (see
+`start_unit`; the timer fires when the test says so, standing for its next tick).
 
 What the droplet reaches: its own addresses, the other droplets and the emulator, all in
 198.18.0.0/15 on the lab's bridge. Its traffic to the metadata address 169.254.169.254:80
@@ -188,6 +187,7 @@ class Droplet:
     init: Process | None = None
     init_pid: int | None = None
     unit_runs: list[UnitRun] = field(default_factory=list)
+    services: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.root = self.lab.workdir / "droplets" / self.host.name
@@ -209,7 +209,7 @@ class Droplet:
         return self.root / target.strip("/").replace("/", "-") / "upper"
 
     def _overlay_targets(self) -> list[str]:
-        targets = ["/etc", "/usr/local"]
+        targets = ["/etc", "/usr/local", "/usr/bin"]
         # The stand-in image's interpreter may live under a directory the sidecar's user
         # cannot enter (/root on these machines); the droplet gets a traversable copy.
         for parent in Path(os.path.realpath(sys.executable)).parents:
@@ -240,10 +240,12 @@ class Droplet:
         certs.mkdir(parents=True, exist_ok=True)
         bundle = HOST_CA_BUNDLE.read_bytes() if HOST_CA_BUNDLE.exists() else b""
         (certs / "ca-certificates.crt").write_bytes(bundle + b"\n" + self.api.ca_pem)
-        shim = usr_local / "bin" / "docker"
-        shim.parent.mkdir(parents=True, exist_ok=True)
-        shim.write_text(SHIM.read_text())
-        shim.chmod(0o755)
+        # Docker where the docker.io package puts it, and over any docker this machine has
+        # in /usr/local/bin (which comes first on PATH).
+        for shim in (self.layer("/usr/bin") / "docker", usr_local / "bin" / "docker"):
+            shim.parent.mkdir(parents=True, exist_ok=True)
+            shim.write_text(SHIM.read_text())
+            shim.chmod(0o755)
         home = usr_local / "lib" / "docker-shim"
         home.mkdir(parents=True, exist_ok=True)
         (home / "images.json").write_text(json.dumps(self.images))
@@ -286,20 +288,30 @@ class Droplet:
         self.init_pid = int(children.split()[0])
 
     def destroy(self) -> None:
-        """Power off: PID 1 dies and the kernel ends every process of the droplet."""
+        """Power off: PID 1 dies and the kernel ends every process of the droplet (the
+        `nsenter` parents of its services, outside it, then end too)."""
         if self.init is not None:
             self.lab.kill(self.init)
+        for service in self.services:
+            try:
+                service.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                service.kill()
+                service.wait(timeout=10)
+        self.services.clear()
+
+    def _nsenter(self, argv: Sequence[str]) -> list[str]:
+        if self.init_pid is None:
+            raise LabError(f"{self.host.name} has not booted")
+        return ["nsenter", "-t", str(self.init_pid), "-m", "-p", "-n", "--", *argv]
 
     def run(
         self, argv: Sequence[str], *, timeout: float = COMMAND_TIMEOUT
     ) -> subprocess.CompletedProcess[str]:
         """A command on the droplet (its mounts, processes and network), as root."""
-        if self.init_pid is None:
-            raise LabError(f"{self.host.name} has not booted")
-        command = ["nsenter", "-t", str(self.init_pid), "-m", "-p", "-n", "--", *argv]
         try:
             return subprocess.run(
-                command,
+                self._nsenter(argv),
                 capture_output=True,
                 text=True,
                 timeout=timeout,
@@ -312,29 +324,64 @@ class Droplet:
 
     # ------------------------------------------------------------------ cloud-init, systemd
 
-    def unit_file(self, unit: str) -> dict[str, str]:
-        text = (self.layer("/etc") / "systemd" / "system" / unit).read_text()
-        settings: dict[str, str] = {}
-        for line in text.splitlines():
+    def unit_file(self, unit: str) -> dict[str, list[str]] | None:
+        """The unit's settings (each key's values in order), None if user_data has none."""
+        path = self.layer("/etc") / "systemd" / "system" / unit
+        if not path.exists():
+            return None
+        settings: dict[str, list[str]] = {}
+        for line in path.read_text().splitlines():
             key, sep, value = line.strip().partition("=")
             if sep and not key.startswith(("#", ";")):
-                settings[key] = value
+                settings.setdefault(key, []).append(value)
         return settings
 
-    def start_unit(self, unit: str) -> UnitRun:
-        """`systemctl start UNIT` for a oneshot service: run ExecStart, judge its status."""
+    def start_unit(self, unit: str) -> UnitRun | None:
+        """`systemctl start UNIT`. A oneshot service runs ExecStart to its end and is judged
+        by its status; a simple one runs ExecStartPre, then ExecStart in the background (its
+        output in `unit-NAME.log`; Restart= is not emulated). Units that come with the
+        machine image (docker.service) are already running; a timer fires when told."""
         settings = self.unit_file(unit)
-        success = frozenset(int(s) for s in settings.get("SuccessExitStatus", "").split())
+        if settings is None:
+            if unit == "docker.service":
+                return None
+            raise LabError(f"{self.host.name}: user_data has no unit {unit}")
+        if unit.endswith(".timer"):
+            return None
+        kind = settings.get("Type", ["simple"])[-1]
+        for line in settings.get("ExecStartPre", []):
+            done = self.run(shlex.split(line.removeprefix("-")))
+            if done.returncode != 0 and not line.startswith("-"):
+                raise LabError(f"{self.host.name}: {unit} ExecStartPre failed: {done.stderr}")
+        (command,) = settings["ExecStart"]
+        if kind != "oneshot":
+            log = (self.root / f"unit-{unit}.log").open("ab")
+            self.services.append(
+                subprocess.Popen(
+                    self._nsenter(shlex.split(command)),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    cwd="/",
+                    env={"PATH": SYSTEM_PATH, "LANG": "C.UTF-8"},
+                )
+            )
+            log.close()
+            return None
+        success = frozenset(int(s) for s in " ".join(settings.get("SuccessExitStatus", [])).split())
         started = time.monotonic()
-        done = self.run(shlex.split(settings["ExecStart"]))
+        done = self.run(shlex.split(command))
         output = done.stdout + done.stderr
         result = UnitRun(unit, done.returncode, output, success, started, time.monotonic())
         self.unit_runs.append(result)
         return result
 
     def fire_timer(self, timer: str = "fip-sidecar-apply.timer") -> UnitRun:
-        """The timer's next tick: it starts the service of the same name."""
-        return self.start_unit(timer.removesuffix(".timer") + ".service")
+        """The timer's next tick: it starts the (oneshot) service of the same name."""
+        run = self.start_unit(timer.removesuffix(".timer") + ".service")
+        if run is None:
+            raise LabError(f"{timer} does not start a oneshot service")
+        return run
 
     def run_cloud_init(self) -> None:
         """user_data's runcmd, in order; a failing command fails the rehearsal."""
@@ -342,7 +389,7 @@ class Droplet:
             argv = [str(part) for part in command]
             if argv[0] == "systemctl":
                 verb, units = argv[1], [a for a in argv[2:] if not a.startswith("--")]
-                if verb == "start":
+                if verb == "start" or (verb == "enable" and "--now" in argv):
                     for unit in units:
                         self.start_unit(unit)
                 elif verb not in ("enable", "daemon-reload"):

@@ -2,13 +2,14 @@
 """`docker` on a rehearsal droplet: the few verbs cloud-init and fip-sidecar-apply use.
 
 The rehearsal runs real processes, not containers, but the deployment's scripts speak
-Docker (`docker run --restart unless-stopped ...`, `docker container inspect`, `docker
-restart`, and soon `docker kill --signal HUP`). This stand-in gives those verbs Docker's
-meaning for one machine: an image name maps to a command (`images.json`, written by the
-test), a "container" is a supervisor process that runs it as the image's user and restarts
-it when it exits (`--restart unless-stopped`, Docker's doubling back-off from 100 ms), and
-`kill`, `restart`, `stop` act on its main process. Every verb is appended to the
-container's `events` file, so the test can say what the apply script did.
+Docker (`docker run --restart unless-stopped ...` detached or in the foreground of a unit,
+`docker container inspect`, `docker kill --signal HUP`, `docker restart`, `docker rm -f`).
+This stand-in gives those verbs Docker's meaning for one machine: an image name maps to a
+command (`images.json`, written by the test); a detached "container" is a supervisor process
+that runs it as the image's user and restarts it when it exits (`--restart unless-stopped`,
+Docker's doubling back-off from 100 ms); a foreground one becomes the command itself (the
+unit's main process); `kill`, `restart`, `stop` and `rm` act on its main process. Every verb
+is appended to the container's `events` file, so the test can say what a script did.
 
 Standard library only: it runs on the droplet's own python3. State lives in
 /usr/local/lib/docker-shim/containers/NAME/ (main.pid, supervisor.pid, events, log).
@@ -24,6 +25,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 HOME = Path("/usr/local/lib/docker-shim")
 IMAGES = HOME / "images.json"
@@ -32,7 +34,7 @@ VALUE_OPTIONS = {
     "--name", "--network", "--restart", "--tmpfs", "--cap-drop", "--cap-add",
     "--security-opt", "--volume", "-v", "--env", "-e", "--user", "-u", "--publish", "-p",
 }  # fmt: skip
-FLAG_OPTIONS = {"--detach", "-d", "--read-only", "--rm", "--init"}
+FLAG_OPTIONS = {"--detach", "-d", "--read-only", "--rm", "--init", "--force", "-f"}
 STOP_TIMEOUT = 10.0
 MAX_LIFETIME = 3600.0
 MAX_RESTARTS = 200
@@ -63,10 +65,12 @@ def alive(container: Path) -> bool:
 
 def run(argv: list[str]) -> int:
     options: dict[str, str] = {}
+    detach = False
     i = 0
     while i < len(argv) and argv[i].startswith("-"):
         option, _, inline = argv[i].partition("=")
         if option in FLAG_OPTIONS:
+            detach = detach or option in ("--detach", "-d")
             i += 1
         elif option in VALUE_OPTIONS:
             options[option] = inline if inline else argv[i + 1]
@@ -94,6 +98,8 @@ def run(argv: list[str]) -> int:
     spec["restart"] = options.get("--restart", "no")
     (container / "spec.json").write_text(json.dumps(spec))
     note(container, f"run {image}")
+    if not detach:
+        return foreground(container, spec)
     subprocess.Popen(
         [sys.executable, __file__, "_supervise", name],
         stdin=subprocess.DEVNULL,
@@ -116,13 +122,48 @@ def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
     return False
 
 
+def credentials(spec: dict[str, Any]) -> tuple[int | None, int | None]:
+    user = spec.get("user")
+    if not user:
+        return None, None
+    uid, gid = (int(part) for part in user.split(":"))
+    return uid, gid
+
+
+def foreground(container: Path, spec: dict[str, Any]) -> int:
+    """`docker run` without --detach: the container's process takes this one's place (a
+    systemd unit's main process), so its output and exit status are the unit's."""
+    pid = str(os.getpid())
+    (container / "supervisor.pid").write_text(pid)
+    (container / "main.pid").write_text(pid)
+    note(container, f"start {pid}")
+    uid, gid = credentials(spec)
+    if gid is not None and uid is not None:
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+    os.chdir("/")
+    os.execve(spec["argv"][0], spec["argv"], spec.get("env", {}))
+
+
+def remove(container: Path) -> None:
+    """`docker rm --force`: kill the container's processes and forget it."""
+    (container / "stopped").touch()
+    for name in ("main.pid", "supervisor.pid"):
+        pid = pid_in(container / name)
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+    note(container, "rm")
+    for entry in ("main.pid", "supervisor.pid", "spec.json", "stopped", "restart"):
+        (container / entry).unlink(missing_ok=True)
+
+
 def supervise(name: str) -> int:
     """The container: run its command, restart it per its policy, until stopped."""
     container = CONTAINERS / name
     (container / "supervisor.pid").write_text(str(os.getpid()))
     spec = json.loads((container / "spec.json").read_text())
-    user = spec.get("user")
-    uid, gid = (int(part) for part in user.split(":")) if user else (None, None)
+    uid, gid = credentials(spec)
     delay, deadline = 0.1, time.monotonic() + MAX_LIFETIME
     for _ in range(MAX_RESTARTS):
         started = time.monotonic()
@@ -212,6 +253,10 @@ def main(argv: list[str]) -> int:
     container = CONTAINERS / names[0]
     if not container.exists() or not alive(container):
         return fail(f"No such container: {names[0]}")
+    if verb == "rm":
+        remove(container)
+        print(names[0])
+        return 0
     if verb == "inspect":
         print(json.dumps([{"Name": "/" + names[0], "State": {"Running": True}}]))
         return 0
