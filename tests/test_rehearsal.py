@@ -20,6 +20,7 @@ restart) with zero IP moves; a revoked token, in the leader's /status and as a f
 from __future__ import annotations
 
 import base64
+import json
 import os
 import secrets
 import shutil
@@ -88,11 +89,19 @@ class Deployment:
     api: RehearsalAPI
     droplets: dict[int, Droplet]
     user_data: dict[int, UserData]
-    figures: list[str] = field(default_factory=list)
+    destroyed: list[Droplet] = field(default_factory=list)
+
+    @property
+    def cluster_tag(self) -> str:
+        tag: str = self.droplets[1].cluster["cluster_tag"]
+        return tag
 
     def report(self, line: str) -> None:
-        self.figures.append(line)
         print(f"rehearsal: {line}", flush=True)
+
+    def close(self) -> None:
+        for droplet in [*self.droplets.values(), *self.destroyed]:
+            droplet.destroy()
 
     def statuses(self) -> dict[int, dict[str, Any] | None]:
         return {node: droplet.status() for node, droplet in self.droplets.items()}
@@ -124,10 +133,12 @@ class Deployment:
         return time.monotonic()
 
 
-def droplet_spec(node: int, droplet_id: int, public: str, private: str, region: str) -> Any:
+def droplet_spec(
+    tag: str, node: int, droplet_id: int, public: str, private: str, region: str
+) -> Any:
     """The droplet as Terraform creates it: name, region and the two cluster tags."""
-    tag = "fip-cluster"
-    name = f"fip-node-{node}" if node != 3 else "fip-witness-3"
+    prefix = tag.removesuffix("-cluster")
+    name = f"{prefix}-node-{node}" if node != 3 else f"{prefix}-witness-3"
     return {
         "id": droplet_id,
         "region": region,
@@ -215,19 +226,20 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     )
     by_node = {data.node_id: data for data in rendered}
     assert sorted(by_node) == [1, 2, 3], [d.resource for d in rendered]
+    tag = json.loads(by_node[1].files["/etc/fip-sidecar/cluster.json"]["content"])["cluster_tag"]
     with netns.lab(workdir, tag="rh") as lab:
         api = RehearsalAPI(lab, lab.add_host("api", 100), TOKEN, SCOPES)
         api.start(RESERVED_IP, PRIMARY, ACTION_SECONDS)
         droplets = {}
         for node, (droplet_id, index, private, region) in LAYOUT.items():
-            public = f"198.18.0.{index}"
-            api.admin(
-                "POST",
-                "/_emulator/droplets",
-                droplet_spec(node, droplet_id, public, private, region),
-            )
+            spec = droplet_spec(tag, node, droplet_id, f"198.18.0.{index}", private, region)
+            api.admin("POST", "/_emulator/droplets", spec)
             droplets[node] = new_droplet(lab, api, by_node[node], droplet_id, index, private)
-        yield Deployment(lab, api, droplets, by_node)
+        deployment = Deployment(lab, api, droplets, by_node)
+        try:
+            yield deployment
+        finally:
+            deployment.close()
 
 
 def test_boot_gives_node_1_the_ip(
@@ -259,6 +271,7 @@ def test_boot_gives_node_1_the_ip(
         (run,) = droplet.unit_runs
         assert run.returncode == 0 and "config written" in run.output, run.output
         assert droplet.container_events()[0] == f"run {SIDECAR_IMAGE}"
+    assert [e["droplet_id"] for e in moves] == [1001], "a cold start moves the IP once"
     statuses = deployment.statuses()
     assert [s["role"] for s in statuses.values() if s] == ["leader", "follower", "follower"]
     assert statuses[3] is not None and statuses[3]["eligible"] is False
@@ -314,7 +327,10 @@ def test_replacing_droplet_2_is_picked_up_without_moving_the_ip(
         started = time.monotonic()
         api.admin("DELETE", f"/_emulator/droplets/{old.droplet_id}")  # terraform destroys it
         old.destroy()
-        spec = droplet_spec(2, droplet_id, f"198.18.0.{index}", private, PRIMARY)
+        deployment.destroyed.append(old)
+        spec = droplet_spec(
+            deployment.cluster_tag, 2, droplet_id, f"198.18.0.{index}", private, PRIMARY
+        )
         api.admin("POST", "/_emulator/droplets", spec)  # ... and creates the new one
         new = new_droplet(deployment.lab, api, deployment.user_data[2], droplet_id, index, private)
         deployment.droplets[2] = new

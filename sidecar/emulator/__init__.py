@@ -1,8 +1,9 @@
 """A local stand-in for the slice of the DigitalOcean API the sidecar uses.
 
-It serves reserved-IP reads, assign/unassign actions that take time, the per-droplet
-metadata service, fault injection and an assignment history (see `app.build_app`), plus
-an edge that routes traffic to the IP's holder (`edge.build_edge_app`). Tests drive it
+It serves reserved-IP reads, assign/unassign actions that take time, droplets (listed by
+tag, with their networks) and their events, scoped tokens, the per-droplet metadata
+service, fault injection and an assignment history (see `app.build_app`), plus an edge
+that routes traffic to the IP's holder (`edge.build_edge_app`). Tests drive it
 in-process through `httpx.ASGITransport`; `fip-sidecar emulate` runs it as a process.
 
 
