@@ -131,7 +131,7 @@ resource "digitalocean_droplet" "witness" {
   depends_on = [digitalocean_firewall.cluster]
 
   # The witness runs no web service and needs no health check (it never leads); it still
-  # needs the token, with droplet:read, to look up the other members' addresses.
+  # needs the token, with droplet:read and tag:read, to look up the other members' addresses.
   user_data = templatefile("${path.module}/cloud-init.yaml.tftpl", {
     cluster_json       = jsonencode(merge(local.cluster_settings, { node_id = 3, health_url = "" }))
     cluster_key        = trimspace(var.cluster_key)

@@ -7,8 +7,8 @@ variable "do_token" {
 variable "sidecar_do_token" {
   description = <<-EOT
     Token the sidecars use at run time. Create a separate custom-scoped token with only
-    `reserved_ip:read`, `reserved_ip:update` (the assign action) and `droplet:read` (peer
-    discovery; the control panel adds the read scopes reserved_ip:update requires: actions,
+    `reserved_ip:read`, `reserved_ip:update` (the assign action), `droplet:read` and `tag:read` (peer
+    discovery by tag; the control panel adds the read scopes reserved_ip:update requires: actions,
     regions, sizes, image), so a leaked droplet can move this IP and read droplets, nothing
     more. Leave it empty with template_sidecar_token = false to place it by hand.
   EOT

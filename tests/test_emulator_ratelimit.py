@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bisect
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from sidecar.emulator.ratelimit import HOUR, MINUTE, RateLimiter
@@ -16,6 +16,7 @@ from sidecar.emulator.ratelimit import HOUR, MINUTE, RateLimiter
     per_minute=st.integers(min_value=1, max_value=12),
     per_hour=st.integers(min_value=1, max_value=40),
 )
+@example(gaps=[1.1446708981012108, 60.0], per_minute=1, per_hour=2)  # a float window edge
 def test_allows_exactly_what_fits_both_windows(
     gaps: list[float], per_minute: int, per_hour: int
 ) -> None:

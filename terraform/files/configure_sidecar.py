@@ -6,7 +6,7 @@ dependency cycle (droplet 1 needs droplet 2's address and the other way round), 
 replaced droplet would force a new user_data, and so a replacement, on all the others.
 Instead Terraform writes the static part (`cluster.json`: node ids, eligibility, tags, the
 reserved IP, ports) and tags each droplet `<cluster_tag>-node-<id>`; this script asks the
-DigitalOcean API (`droplet:read` scope) for the tagged droplets and renders `config.toml`.
+DigitalOcean API (`droplet:read` and `tag:read` scopes) for the tagged droplets and renders `config.toml`.
 Membership stays static (the ids come from Terraform, never from droplet ids); only the
 addresses are looked up: a peer in this droplet's region is reached on its private (VPC)
 address, one in another region on its public address (VPCs are regional).
@@ -18,7 +18,7 @@ replaced peer is picked up. Every outcome is one line on stderr (the journal). E
 - 75 waiting: the token is not placed yet, or the peers' droplets do not exist yet (normal
   during the first minutes; the systemd unit counts it as success);
 - 77 the API refused the token (HTTP 401 or 403: wrong, revoked, or missing the
-  `droplet:read` scope), 69 the API is unavailable (unreachable, timeout, HTTP 429 or 5xx,
+  `droplet:read` or `tag:read` scope), 69 the API is unavailable (unreachable, timeout, HTTP 429 or 5xx,
   or any other status), 76 the API answered something that is not a droplet list. These
   fail the unit, so that they are visible in `systemctl --failed`; the timer retries.
 
@@ -157,7 +157,7 @@ def fetch_droplets(api_url: str, token: str, tag: str) -> list[dict[str, Any]]:
             raise ApiError(
                 EXIT_TOKEN_REFUSED,
                 f"DigitalOcean API refused the token ({detail}); check the token and its "
-                "droplet:read scope",
+                "droplet:read and tag:read scopes",
             ) from None
         raise ApiError(EXIT_UNAVAILABLE, f"DigitalOcean API failed: {detail}") from None
     except (urllib.error.URLError, TimeoutError, OSError) as exc:
