@@ -323,16 +323,22 @@ class Codec:
         self._drops[reason] += 1
 
     def set_peers(self, peer_ids: Iterable[int]) -> None:
-        """Change who may send and receive (a live membership change); state of others kept."""
+        """Change who may send and receive (a live membership change); state of others kept.
+
+        Counters and replay windows of a removed peer are kept (an int and at most a few
+        windows per id ever configured): if it is added back, our counters to it must go on
+        where they were (its window still remembers our process, and would refuse counters
+        from 1 as replays), and its packets from before cannot be accepted a second time.
+        Only the challenges learned from it are forgotten; one round trip renews them.
+        """
         peers = frozenset(peer_ids)
         if self._node_id in peers:
             raise ValueError(f"peer_ids must not contain this node's own id {self._node_id}")
         self._peers = peers
-        self._counters = {p: self._counters.get(p, 0) for p in peers}
+        for peer in peers:
+            self._counters.setdefault(peer, 0)
         for gone in set(self._learned) - peers:
             del self._learned[gone]
-        for gone in set(self._windows) - peers:
-            del self._windows[gone]
 
     def set_membership(self, digests: tuple[int, ...], members: Iterable[tuple[int, bool]]) -> None:
         """Our membership digests (one, or two while a change is rolled out) and member list."""
