@@ -116,7 +116,8 @@ a restarted peer and (briefly) its predecessor, or a genuine node and a duplicat
 receiving packets they accept."""
 
 _WINDOWS_PER_SENDER = 4
-"""Replay windows kept per sender (one per incarnation heard in the last two epochs)."""
+"""Replay windows kept per sender: one per incarnation accepted in the last two epochs. A
+fifth process within two epochs (a crash loop) waits until one of them has gone idle."""
 
 _U63 = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
 _WINDOW_MASK = (1 << REPLAY_WINDOW) - 1
@@ -462,8 +463,12 @@ class Codec:
         window = windows.get(env.incarnation)
         if window is None:
             self._forget_idle_windows(windows, now)
-            window = windows[env.incarnation] = _Window()
-        if not window.check(env.counter):
+            if len(windows) < _WINDOWS_PER_SENDER:
+                window = windows[env.incarnation] = _Window()
+        # No room (a crash loop: every window accepted a packet in the last two epochs): a
+        # live window must not be evicted, or its packets could be accepted again; the new
+        # process is refused until one goes idle, at most two epochs.
+        if window is None or not window.check(env.counter):
             return Refused(
                 env.sender,
                 env.incarnation,
@@ -500,14 +505,11 @@ class Codec:
             del learned[next(iter(learned))]
 
     def _forget_idle_windows(self, windows: dict[int, _Window], now: float) -> None:
-        """Drop windows idle for over two epochs (all their packets are now stale), and keep
-        at most `_WINDOWS_PER_SENDER` (the least recently used go first)."""
+        """Drop windows idle for over two epochs: every packet they accepted echoes an epoch
+        that is no longer accepted, so none of them can come back. Never a live one."""
         horizon = 2 * self._epoch_length
         for key in [k for k, w in windows.items() if now - w.last_accepted > horizon]:
             del windows[key]
-        while len(windows) >= _WINDOWS_PER_SENDER:
-            oldest = min(windows, key=lambda k: windows[k].last_accepted)
-            del windows[oldest]
 
 
 def generate_cluster_key() -> str:
