@@ -453,7 +453,7 @@ class Codec:
             return DropReason.UNKNOWN_SENDER
         if env.receiver != self._node_id:
             return DropReason.WRONG_RECEIVER
-        self._learn(env.sender, env.incarnation, env.epoch)
+        self._learn(env.sender, env.incarnation, env.epoch, now)
         refusal = self._refusal(env, now)
         if refusal is not None:
             return Refused(
@@ -491,18 +491,30 @@ class Codec:
             return DropReason.CONFIG_MISMATCH
         return None
 
-    def _learn(self, peer: int, incarnation: int, epoch: int) -> None:
+    def _learn(self, peer: int, incarnation: int, epoch: int, now: float) -> None:
         """Remember `peer`'s newest challenge per incarnation, for the newest two incarnations.
 
         Learned even from packets we then refuse: after a restart or a partition that is the
-        only way both sides get back to packets the other accepts. A replayed old packet can
-        at worst add an old incarnation beside the live one, which is still echoed.
+        only way both sides get back to packets the other accepts. The incarnation whose
+        packets we accept now is never the one pushed out: replays of packets captured from
+        two earlier processes of the peer would otherwise evict the live one, and the peer
+        would refuse all of ours as stale. A replay can at worst occupy the second echo.
         """
         learned = self._learned.setdefault(peer, {})
         # Re-inserted on every packet, so the dict's order is "least recently heard first".
         learned[incarnation] = max(learned.pop(incarnation, epoch), epoch)
-        while len(learned) > MAX_ECHOES:
-            del learned[next(iter(learned))]
+        if len(learned) > MAX_ECHOES:
+            live = self._live_incarnation(peer, now)
+            del learned[next(i for i in learned if i != live)]
+
+    def _live_incarnation(self, peer: int, now: float) -> int | None:
+        """The incarnation of `peer` we accepted a packet from most recently, within two
+        epochs (None if there is none)."""
+        windows = self._windows.get(peer, {})
+        if not windows:
+            return None
+        newest = max(windows, key=lambda i: windows[i].last_accepted)
+        return newest if now - windows[newest].last_accepted <= 2 * self._epoch_length else None
 
     def _forget_idle_windows(self, windows: dict[int, _Window], now: float) -> None:
         """Drop windows idle for over two epochs: every packet they accepted echoes an epoch
