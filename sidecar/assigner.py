@@ -15,11 +15,14 @@ assignment, with no await in between.
 
 Errors never crash the node: network errors and 5xx back off exponentially with full
 jitter; 422 (an action in progress) waits a few seconds; 429 waits as long as the API
-says; 401/403/404 are configuration problems, logged at ERROR and retried slowly so an
-operator can fix the token without restarting. Independently of all that, a sliding-window
-request budget keeps one node well below DigitalOcean's per-token limits (250/minute,
-5,000/hour) even in a failure storm: a request waits for room in the budget rather than
-exceed it.
+says; 401/403/404 are configuration problems, logged at ERROR and retried slowly
+(`config_error_retry_interval`), but a fix is picked up without a restart and without
+waiting that out: a 401/403 re-reads the token file at once, and while it waits the
+assigner checks every second (a stat, no API request) whether the token file changed, and
+stops waiting when `retry_now()` is called (a config reload). Independently of all that,
+a sliding-window request budget keeps one node well below DigitalOcean's per-token
+limits (250/minute, 5,000/hour) even in a failure storm: a request waits for room in the
+budget rather than exceed it.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from sidecar.digitalocean import (
     ProviderError,
     RateLimited,
     ReservedIP,
+    TokenError,
     Unauthorized,
     Unprocessable,
 )
@@ -50,6 +54,9 @@ _Result = TypeVar("_Result", ReservedIP, Action)
 
 # How long to wait when the leadership view hands back a scope that was already used.
 _STALE_SCOPE_RETRY_DELAY = 0.1
+
+# While waiting out a config error, how often to look (one stat) for a changed token file.
+_FIX_POLL_INTERVAL = 1.0
 
 # DigitalOcean's published per-token limits; a node's budget may not exceed them.
 DO_REQUESTS_PER_MINUTE = 250
@@ -84,6 +91,21 @@ class ReservedIPProvider(Protocol):
     async def get_action(self, action_id: int) -> Action: ...
 
 
+class RefreshableToken(Protocol):
+    """The token source the client sends (`digitalocean.TokenSource` implements it)."""
+
+    #: Counts token changes, so a waiter notices a refresh made by someone else (a reload).
+    generation: int
+
+    def changed_on_disk(self) -> bool:
+        """Cheap: whether the token file differs from when it was last read."""
+        ...
+
+    def refresh(self) -> bool:
+        """Re-read the token; True when it changed. Raises TokenError, keeping the old one."""
+        ...
+
+
 class AssignerObserver(Protocol):
     """Metrics hooks (the lead wires Prometheus counters and histograms to these)."""
 
@@ -108,7 +130,8 @@ class AssignerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True,
     - `unprocessable_delay`: after a 422, wait a random time in [d, 1.5 d] before
       re-reading (while the IP is locked by an action, it is re-read every
       `action_poll_interval`).
-    - `config_error_retry_interval`: after 401/403/404 (a config problem), retry this slowly.
+    - `config_error_retry_interval`: after 401/403/404 (a config problem), retry this slowly,
+      or as soon as the token file changes or `retry_now()` is called (a reload).
     - `rate_limit_max_delay`: the longest wait a 429's headers can impose.
     - `cooloff_interval`: the least time between the starts of two assignments (the first
       one after gaining leadership is exempt), so two confused nodes cannot ping-pong fast.
@@ -190,6 +213,14 @@ class RequestBudget:
         self._urgent_minute = _urgent_share(per_minute)
         self._urgent_hour = _urgent_share(per_hour)
         self._sent: deque[float] = deque()
+
+    def set_limits(self, per_minute: int, per_hour: int) -> None:
+        """New limits (a reload); requests already sent stay counted."""
+        if per_minute < 1 or per_hour < 1:
+            raise ValueError("a request budget needs at least one request per window")
+        self.per_minute, self.per_hour = per_minute, per_hour
+        self._urgent_minute = _urgent_share(per_minute)
+        self._urgent_hour = _urgent_share(per_hour)
 
     def _forget_old(self, now: float) -> None:
         while self._sent and self._sent[0] <= now - self.HOUR:
@@ -277,7 +308,8 @@ class Assigner:
 
     `rng` drives every jitter (inject a seeded one for reproducible tests);
     `wall_clock` stamps the snapshot's times; `budget` may be shared with other users of
-    the same token on this node.
+    the same token on this node; `tokens` is the token source the client sends, re-read
+    after a 401/403 and watched while a config error is waited out.
     """
 
     def __init__(
@@ -292,6 +324,7 @@ class Assigner:
         *,
         budget: RequestBudget | None = None,
         wall_clock: Callable[[], float] = time.time,
+        tokens: RefreshableToken | None = None,
     ) -> None:
         if droplet_id <= 0:
             raise ValueError("droplet_id must be a positive integer")
@@ -306,6 +339,9 @@ class Assigner:
             settings.requests_per_minute, settings.requests_per_hour
         )
         self._wall_clock = wall_clock
+        self._tokens = tokens
+        self._token_problem: str | None = None  # the last token re-read error logged
+        self._retry_now = trio.Event()
         self._log_fields = {"reserved_ip": reserved_ip, "droplet_id": droplet_id}
         # State for /status.
         self._leading = False
@@ -316,6 +352,11 @@ class Assigner:
         self._failures = 0
 
     # ------------------------------------------------------------------ public
+
+    def update_settings(self, settings: AssignerSettings) -> None:
+        """A reload: intervals and delays apply from the next wait, budget limits at once."""
+        self._settings = settings
+        self._budget.set_limits(settings.requests_per_minute, settings.requests_per_hour)
 
     def snapshot(self) -> AssignerSnapshot:
         minute, hour = self._budget.used()
@@ -332,6 +373,12 @@ class Assigner:
             requests_last_minute=minute,
             requests_last_hour=hour,
         )
+
+    def retry_now(self) -> None:
+        """Something that may fix a config error happened (a reload): end the wait after a
+        401/403/404 now instead of after `config_error_retry_interval`. The request budget
+        still applies. If no such wait is under way, the next one ends at once."""
+        self._retry_now.set()
 
     async def run(self) -> NoReturn:
         """Forever: wait for leadership, then reconcile until it is lost."""
@@ -364,7 +411,7 @@ class Assigner:
             try:
                 holder = await self._read_holder(urgent=not here)
             except ProviderError as exc:
-                await trio.sleep(self._delay_after(exc))
+                await self._back_off(exc)
                 continue
             here = holder.droplet_id == self._droplet_id
             if here:
@@ -405,7 +452,7 @@ class Assigner:
                 # The POST was refused or lost: no action of ours is known to exist, so
                 # no cool-off. If one did start (a lost answer), the next read shows the
                 # IP locked or already here, and neither path POSTs again.
-                await trio.sleep(self._delay_after(exc))
+                await self._back_off(exc)
             else:
                 last_assign_started = attempt_started
 
@@ -461,7 +508,7 @@ class Assigner:
                     # Some actions are not (yet) visible by id; the IP itself is the truth.
                     return "unknown"
                 except ProviderError as exc:
-                    await trio.sleep(self._delay_after(exc))
+                    await self._back_off(exc)
             return action.status
         return "timeout"
 
@@ -485,10 +532,78 @@ class Assigner:
             if self._observer is not None:
                 self._observer.api_request(endpoint, exc.status_label)
             raise
+        if self._last_error is not None:
+            logger.info(
+                "DigitalOcean API answering again; last error cleared",
+                extra={
+                    **self._log_fields,
+                    "event": "api_recovered",
+                    "after_failures": self._failures,
+                },
+            )
+            self._last_error = None
         self._failures = 0
         if self._observer is not None:
             self._observer.api_request(endpoint, str(result.http_status))
         return result
+
+    async def _back_off(self, exc: ProviderError) -> None:
+        """Wait as long as `exc` calls for; a config error's wait ends once a fix is likely."""
+        delay = self._delay_after(exc)
+        if isinstance(exc, Unauthorized | NotFound):
+            await self._wait_for_fix(delay)
+        else:
+            await trio.sleep(delay)
+
+    async def _wait_for_fix(self, delay: float) -> None:
+        """Sleep `delay`, or less: until the token changes (the token file is checked every
+        `_FIX_POLL_INTERVAL`, one stat each, no API request) or `retry_now()` is called."""
+        generation = None if self._tokens is None else self._tokens.generation
+        deadline = trio.current_time() + delay
+        try:
+            while (left := deadline - trio.current_time()) > 0:
+                with trio.move_on_after(min(left, _FIX_POLL_INTERVAL)):
+                    await self._retry_now.wait()
+                if self._retry_now.is_set():
+                    reason = "retry requested (config reload)"
+                elif self._token_changed_since(generation):
+                    reason = "the token file changed"
+                else:
+                    continue
+                logger.info(
+                    f"DigitalOcean API: {reason}; retrying now",
+                    extra={**self._log_fields, "event": "config_error_retry"},
+                )
+                return
+        finally:
+            if self._retry_now.is_set():
+                self._retry_now = trio.Event()
+
+    def _token_changed_since(self, generation: int | None) -> bool:
+        tokens = self._tokens
+        if tokens is None:
+            return False
+        if tokens.changed_on_disk():
+            self._refresh_token()
+        return tokens.generation != generation
+
+    def _refresh_token(self) -> bool:
+        """Re-read the token; True when it changed. A bad file is logged (once per problem)
+        and the token in use is kept."""
+        if self._tokens is None:
+            return False
+        try:
+            changed = self._tokens.refresh()
+        except TokenError as exc:
+            if str(exc) != self._token_problem:
+                self._token_problem = str(exc)
+                logger.error(
+                    "DigitalOcean token re-read failed; keeping the one in use",
+                    extra={**self._log_fields, "event": "token_error", "reason": str(exc)},
+                )
+            return False
+        self._token_problem = None
+        return changed
 
     def _delay_after(self, exc: ProviderError) -> float:
         """Record the error, log it, and say how long to wait before trying again."""
@@ -505,10 +620,18 @@ class Assigner:
         }
         settings = self._settings
         if isinstance(exc, Unauthorized | NotFound):
+            if isinstance(exc, Unauthorized) and self._refresh_token():
+                logger.warning(
+                    "DigitalOcean API: token rejected; token_file holds a new token, "
+                    "retrying with it",
+                    extra=fields,
+                )
+                return 0.0
             what = "token rejected" if isinstance(exc, Unauthorized) else "not found"
             logger.error(
                 f"DigitalOcean API: {what}; check the token, reserved IP and droplet id "
-                f"(retrying every {settings.config_error_retry_interval:g} s)",
+                f"(retrying in {settings.config_error_retry_interval:g} s, or as soon as "
+                "token_file changes or the config is reloaded)",
                 extra=fields,
             )
             return settings.config_error_retry_interval

@@ -1,26 +1,32 @@
 """`fip-sidecar run / check-config / keygen / status / emulate`.
 
 Each command is a thin shell over a module that does the work, so every behaviour here is
-also usable (and tested) as a library. Config mistakes exit 2 with one line naming the key.
+also usable (and tested) as a library. Config mistakes, and anything else that stops a node
+from starting (a port in use, a missing token), exit 2 with one line naming the key or the
+address, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from collections.abc import Sequence
 
 import trio
 
-from sidecar import __version__, config, localcluster, logs, service
-from sidecar.digitalocean import TokenError
+from sidecar import __version__, config, files, localcluster, logs, service
+from sidecar.digitalocean import TOKEN_ENV_VAR, TokenError, TokenSource
 from sidecar.protocol import generate_cluster_key
 
 log = logging.getLogger("sidecar")
 
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
+
+#: What stops a node at start-up because of its config or its machine, not a bug.
+_STARTUP_ERRORS = (OSError, service.StartupError, TokenError)
 
 DEFAULT_STATUS_URL = "http://127.0.0.1:9401"
 
@@ -55,9 +61,14 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "check-config",
         help="validate a config file and exit 0, or 2 with the problem",
-        description="Validate everything a node would check at start, then print a summary.",
+        description="Validate everything a node would check at start (including that every "
+        "file the config names exists and is readable), then print a summary.",
     )
     check.add_argument("--config", required=True, help="TOML config file")
+    check.add_argument(
+        "--user",
+        help="check the files as this user (the one the node runs as; needs root)",
+    )
 
     commands.add_parser(
         "keygen",
@@ -129,16 +140,47 @@ def _load(path: str) -> config.Config | None:
         return None
 
 
+def _check_files(loaded: config.Config, user: str | None) -> bool:
+    """Print every file problem (errors) and loose secret (warnings); False on an error."""
+    try:
+        problems = files.access_problems(files.referenced_files(loaded), user)
+    except ValueError as exc:
+        problems = [str(exc)]
+    if loaded.floating_ip is not None and not problems:
+        try:
+            TokenSource(loaded.digitalocean)
+        except TokenError as exc:
+            if loaded.digitalocean.token_file is not None:
+                problems.append(str(exc))
+            else:
+                print(
+                    f"fip-sidecar: note: {TOKEN_ENV_VAR} is not set here; "
+                    "the node needs it (or digitalocean.token_file)",
+                    file=sys.stderr,
+                )
+    for problem in problems:
+        print(f"fip-sidecar: config error: {problem}", file=sys.stderr)
+    for warning in files.permission_warnings(loaded):
+        print(f"fip-sidecar: warning: {warning.message}", file=sys.stderr)
+    return not problems
+
+
 def _check_config(args: argparse.Namespace) -> int:
     loaded = _load(args.config)
-    if loaded is None:
+    if loaded is None or not _check_files(loaded, args.user):
         return EXIT_CONFIG
     timing = loaded.timing
     print(f"ok: {loaded.source}")
     print(
         f"  node {loaded.node_id} ({'eligible' if loaded.eligible else 'witness'}), "
-        f"{len(loaded.members)} members, quorum {loaded.quorum}"
+        f"{len(loaded.members)} members, quorum {loaded.quorum_text}"
     )
+    if loaded.changing_membership:
+        old, new = (sorted(m) for m in loaded.memberships)
+        print(
+            f"  membership change in progress: {old} -> {new}; finish it once every member "
+            "runs this transition config (README: Changing membership)"
+        )
     print(
         f"  profile {loaded.profile}: heartbeat {timing.heartbeat_interval}s, "
         f"lease {timing.lease_timeout}s, preempt {timing.preempt} after {timing.preempt_delay}s"
@@ -160,12 +202,29 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     logs.setup(args.log_level or loaded.log_level, node_id=loaded.node_id)
     try:
-        trio.run(service.serve, loaded)
-    except (OSError, service.StartupError, TokenError) as exc:
-        log.error("cannot start", extra={"event": "fatal", "error": str(exc)})
-        print(f"fip-sidecar: cannot start: {exc}", file=sys.stderr)
-        return EXIT_RUNTIME
+        trio.run(functools.partial(service.serve, loaded, reload=lambda: config.load(args.config)))
+    except (*_STARTUP_ERRORS, BaseExceptionGroup) as exc:
+        failure = _startup_failure(exc)
+        if failure is None:
+            raise  # a bug, not a start-up mistake: its traceback is what a report needs
+        log.error("cannot start", extra={"event": "fatal", "error": str(failure)})
+        print(f"fip-sidecar: cannot start: {failure}", file=sys.stderr)
+        return EXIT_CONFIG
     return 0
+
+
+def _startup_failure(exc: BaseException) -> BaseException | None:
+    """The start-up mistake in `exc`, or None when `exc` holds anything else.
+
+    Errors raised inside trio's nurseries arrive wrapped in (possibly nested) exception
+    groups; a group made only of start-up errors is reported by its first one.
+    """
+    if isinstance(exc, BaseExceptionGroup):
+        matched, rest = exc.split(_STARTUP_ERRORS)
+        if matched is None or rest is not None:
+            return None
+        return _startup_failure(matched.exceptions[0])
+    return exc if isinstance(exc, _STARTUP_ERRORS) else None
 
 
 if __name__ == "__main__":

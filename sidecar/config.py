@@ -5,6 +5,12 @@ as `peers[1].address`) and says how to fix it, because an HA tool that starts wi
 config is worse than one that refuses to start. msgspec does the typing and rejects unknown
 keys; this module adds the cross-field rules msgspec cannot know (unique peers, quorum,
 timing relations) and the precedence: flags > environment > file > profile defaults.
+
+One rule for every path in a config (`cluster_key_file`, `digitalocean.token_file`,
+`digitalocean.ca_file`, and the program of `health.command` and of each hook when it
+contains a `/`): a relative path is relative to the directory of the config file, never
+to the working directory, so a node finds the same files whoever starts it from where.
+A bare program name (no `/`) is looked up in `PATH`, as a shell would.
 """
 
 from __future__ import annotations
@@ -166,6 +172,8 @@ class Config:
     cluster_name: str = "fip-sidecar"
     #: One membership, or (old, new) while a change is rolled out.
     memberships: tuple[frozenset[int], ...] = ()
+    #: The cluster key file as resolved (None when the key came from the environment).
+    cluster_key_file: Path | None = None
 
     @property
     def members(self) -> list[Member]:
@@ -274,7 +282,44 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _load_key(raw: FileSettings, base_dir: Path, env: Mapping[str, str]) -> bytes:
+def resolve_path(base_dir: Path, value: str) -> str:
+    """A path from the config: relative ones are relative to the config file's directory."""
+    return value if os.path.isabs(value) else str(base_dir / value)
+
+
+def _resolve_program(base_dir: Path, argv: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    if not argv or "/" not in argv[0]:
+        return argv  # a bare name is looked up in PATH
+    return (resolve_path(base_dir, argv[0]), *argv[1:])
+
+
+def _resolve_paths(raw: FileSettings, base_dir: Path) -> FileSettings:
+    """Apply the one path rule (see the module docstring) to every path in the file."""
+    do = raw.digitalocean
+    hooks = raw.hooks
+    return msgspec.structs.replace(
+        raw,
+        cluster_key_file=None
+        if raw.cluster_key_file is None
+        else resolve_path(base_dir, raw.cluster_key_file),
+        digitalocean=msgspec.structs.replace(
+            do,
+            token_file=None if do.token_file is None else resolve_path(base_dir, do.token_file),
+            ca_file=None if do.ca_file is None else resolve_path(base_dir, do.ca_file),
+        ),
+        health=msgspec.structs.replace(
+            raw.health, command=_resolve_program(base_dir, raw.health.command)
+        ),
+        hooks=msgspec.structs.replace(
+            hooks,
+            on_gained=_resolve_program(base_dir, hooks.on_gained),
+            on_lost=_resolve_program(base_dir, hooks.on_lost),
+            on_leader_change=_resolve_program(base_dir, hooks.on_leader_change),
+        ),
+    )
+
+
+def _load_key(raw: FileSettings, env: Mapping[str, str]) -> bytes:
     text = env.get(ENV_PREFIX + "CLUSTER_KEY")
     where = f"environment variable {ENV_PREFIX}CLUSTER_KEY"
     if text is None:
@@ -283,7 +328,7 @@ def _load_key(raw: FileSettings, base_dir: Path, env: Mapping[str, str]) -> byte
                 f"cluster_key_file: required (or set {ENV_PREFIX}CLUSTER_KEY); "
                 "make one with `fip-sidecar keygen > cluster.key`"
             )
-        path = base_dir / raw.cluster_key_file
+        path = Path(raw.cluster_key_file)  # already resolved by _resolve_paths
         where = f"cluster_key_file {str(path)!r}"
         try:
             text = path.read_text()
@@ -377,6 +422,7 @@ def load(
 
 
 def _validate(raw: FileSettings, path: Path, env: Mapping[str, str]) -> Config:
+    raw = _resolve_paths(raw, path.absolute().parent)
     if raw.floating_ip is not None and raw.reserved_ip is not None:
         raise ConfigError("reserved_ip: give either [floating_ip] or [reserved_ip], not both")
     floating_ip = raw.floating_ip or raw.reserved_ip
@@ -398,7 +444,10 @@ def _validate(raw: FileSettings, path: Path, env: Mapping[str, str]) -> Config:
         eligible=raw.eligible,
         peers=tuple(raw.peers),
         peer_addresses=addresses,
-        cluster_key=_load_key(raw, path.parent, env),
+        cluster_key=_load_key(raw, env),
+        cluster_key_file=None
+        if ENV_PREFIX + "CLUSTER_KEY" in env or raw.cluster_key_file is None
+        else Path(raw.cluster_key_file),
         timing=_timing(raw),
         profile=raw.profile,
         max_clock_skew=raw.max_clock_skew,

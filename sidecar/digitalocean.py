@@ -20,7 +20,9 @@ For about five calls, a typed httpx client checked against the official OpenAPI 
 the token under our own control.
 
 The token is the one secret here. It lives in an `APIToken` whose repr and str are
-redacted, and it is attached to requests by an `httpx.Auth` that never formats it; it is
+redacted, and it is attached to requests by an `httpx.Auth` that never formats it, taking
+the current token of a `TokenSource` at each request, so a token file rotated in place is
+used as soon as the source is refreshed (the assigner does that on a 401/403); it is
 sent only over https, or plain http to a loopback API (the emulator on this machine), or to
 another http URL only when the operator sets `allow_insecure_http` (and then a warning is
 logged). Messages taken from API error bodies are scrubbed of the token before they reach
@@ -193,12 +195,10 @@ def load_token(
                 raw = handle.read(8192)
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
-            raise TokenError(
-                f"cannot read the DigitalOcean token file {path!r}: {reason}"
-            ) from None
+            raise TokenError(f"digitalocean.token_file: cannot read {path!r}: {reason}") from None
         except UnicodeDecodeError:
-            raise TokenError(f"the DigitalOcean token file {path!r} is not UTF-8 text") from None
-        value, where = raw.strip(), f"the token file {path!r}"
+            raise TokenError(f"digitalocean.token_file: {path!r} is not UTF-8 text") from None
+        value, where = raw.strip(), f"digitalocean.token_file {path!r}"
     else:
         value, where = (
             env.get(TOKEN_ENV_VAR, "").strip(),
@@ -217,14 +217,100 @@ def load_token(
         raise TokenError(f"the DigitalOcean token in {where} is malformed") from None
 
 
-class _BearerAuth(httpx.Auth):
-    """Adds `Authorization: Bearer ...` at send time; holds the token only as an `APIToken`."""
+class TokenSource:
+    """Where the API token comes from, re-readable so a rotated token is picked up.
+
+    With `token_file`, `refresh()` reads the file again (the assigner calls it on a 401 or
+    403 and while it waits after one, and a config reload may call it too); `current()` is
+    the token every request carries. With `DIGITALOCEAN_TOKEN` the token is fixed for the
+    process's life (nothing outside can change a running process's environment), so
+    `refresh()` never changes it. A file that cannot be read or holds no valid token keeps
+    the current token (a rotation half done must not stop a working node); the error is
+    raised so the caller can report it.
+    """
+
+    def __init__(
+        self, settings: DigitalOceanSettings, environ: Mapping[str, str] | None = None
+    ) -> None:
+        self._settings = settings
+        self._environ = os.environ if environ is None else environ
+        self._signature = self._file_signature()
+        self._token = load_token(settings, self._environ)
+        self._previous: APIToken | None = None
+        #: How many times the token has changed; a waiter compares it to notice a refresh.
+        self.generation = 0
+
+    @property
+    def rereadable(self) -> bool:
+        """Whether `refresh()` can ever change the token (a token file, not the env var)."""
+        return self._settings.token_file is not None
+
+    def current(self) -> APIToken:
+        return self._token
+
+    def secrets(self) -> tuple[APIToken, ...]:
+        """The current token and the one it replaced, both to be masked in any message."""
+        return (self._token,) if self._previous is None else (self._token, self._previous)
+
+    def changed_on_disk(self) -> bool:
+        """A cheap check (one stat): the token file differs from when it was last read."""
+        return self.rereadable and self._file_signature() != self._signature
+
+    def refresh(self) -> bool:
+        """Read the token source again; True when the token changed.
+
+        Raises `TokenError` (naming the file, never the token) when the file cannot be
+        read or holds no valid token; the current token stays in use.
+        """
+        if not self.rereadable:
+            return False
+        self._signature = self._file_signature()
+        token = load_token(self._settings, self._environ)
+        if token.reveal() == self._token.reveal():
+            return False
+        self._previous, self._token = self._token, token
+        self.generation += 1
+        logger.info(
+            "DigitalOcean token re-read: it changed",
+            extra={"event": "token_changed", "token_file": self._settings.token_file},
+        )
+        return True
+
+    def _file_signature(self) -> tuple[int, int, int, int] | None:
+        if self._settings.token_file is None:
+            return None
+        try:
+            info = os.stat(self._settings.token_file)
+        except OSError:
+            return None
+        return (info.st_ino, info.st_dev, info.st_size, info.st_mtime_ns)
+
+    def __repr__(self) -> str:
+        return f"TokenSource(token_file={self._settings.token_file!r})"
+
+
+class _FixedToken:
+    """A token given directly (tests, library use): the `TokenSource` shape, never changing."""
 
     def __init__(self, token: APIToken) -> None:
         self._token = token
 
+    def current(self) -> APIToken:
+        return self._token
+
+    def secrets(self) -> tuple[APIToken, ...]:
+        return (self._token,)
+
+
+class _BearerAuth(httpx.Auth):
+    """Adds `Authorization: Bearer ...` at send time, with the source's current token (so
+    a rotated token is used from the next request on); never formats it."""
+
+    def __init__(self, tokens: TokenSource | _FixedToken) -> None:
+        self._tokens = tokens
+
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        request.headers["Authorization"] = "Bearer " + self._token.reveal()
+        request.headers["Authorization"] = "Bearer " + self._tokens.current().reveal()
         yield request
 
     def __repr__(self) -> str:
@@ -449,8 +535,10 @@ class DigitalOceanClient:
     """Typed, trio-native access to the reserved-IP API and the droplet metadata service.
 
     Use it as `async with DigitalOceanClient(settings, token) as client:` or call
-    `aclose()`. `transport` replaces the network (an `httpx.ASGITransport` over the
-    emulator, or an `httpx.MockTransport`); it also serves metadata unless
+    `aclose()`; `token` is an `APIToken`, or a `TokenSource` whose current token each
+    request carries (so a refreshed token is used from the next request on). `transport`
+    replaces the network (an `httpx.ASGITransport` over the emulator, or an
+    `httpx.MockTransport`); it also serves metadata unless
     `metadata_transport` is given. `on_response` is told about every request.
     `wall_clock` (epoch seconds) turns `ratelimit-reset` into a delay.
 
@@ -461,15 +549,15 @@ class DigitalOceanClient:
     def __init__(
         self,
         settings: DigitalOceanSettings,
-        token: APIToken,
+        token: APIToken | TokenSource,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         metadata_transport: httpx.AsyncBaseTransport | None = None,
         on_response: ResponseObserver | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        if not isinstance(token, APIToken):
-            raise TypeError("token must be an APIToken (see load_token)")
+        if not isinstance(token, APIToken | TokenSource):
+            raise TypeError("token must be an APIToken or a TokenSource (see load_token)")
         if settings.token_is_exposed():
             if not settings.allow_insecure_http:  # settings validate this too; be certain
                 raise ValueError("api_url: refusing to send the API token over plain http")
@@ -478,7 +566,7 @@ class DigitalOceanClient:
                 extra={"api_url": settings.api_url},
             )
         self._settings = settings
-        self._token = token
+        self._tokens = token if isinstance(token, TokenSource) else _FixedToken(token)
         self._on_response = on_response
         self._wall_clock = wall_clock
         collection = "reserved_ips" if settings.api_flavor == "reserved_ip" else "floating_ips"
@@ -489,7 +577,7 @@ class DigitalOceanClient:
         )
         self._api = httpx.AsyncClient(
             base_url=settings.api_url.rstrip("/"),
-            auth=_BearerAuth(token),
+            auth=_BearerAuth(self._tokens),
             # identity: a compressed body could expand far past max_response_bytes per chunk
             headers={
                 "Accept": "application/json",
@@ -802,7 +890,8 @@ class DigitalOceanClient:
 
     def _scrub(self, text: str) -> str:
         """Cut server-supplied text to size, drop control characters, and mask the token."""
-        text = text.replace(self._token.reveal(), "<redacted>")
+        for token in self._tokens.secrets():
+            text = text.replace(token.reveal(), "<redacted>")
         text = "".join(ch if ch.isprintable() else " " for ch in text[: _MAX_MESSAGE_CHARS * 2])
         return text[:_MAX_MESSAGE_CHARS]
 

@@ -435,7 +435,7 @@ class Election:
 
         The id is None for a promise to a process that has since been replaced: it blocks
         every vote until it runs out, and supports nobody's new lease."""
-        if self._promise_to is None or now >= self._promise_until:
+        if now >= self._promise_until:
             return None
         return self._promise_to, self._promise_until
 

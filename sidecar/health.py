@@ -306,9 +306,24 @@ class HealthChecker:
         assert self._last is not None
         return self._last
 
+    def reconfigure(self, settings: HealthSettings) -> bool:
+        """Take new settings (a reload) while `run` is stopped; counts are kept. The verdict
+        stays as it is until new evidence moves it, except that removing the check makes the
+        service count as healthy. Returns True when that changed the verdict."""
+        self.settings = settings
+        h = self._hysteresis
+        h.rise, h.fall = settings.rise, settings.fall
+        h.consecutive_passes = h.consecutive_failures = 0
+        if settings.kind == "none" and not h.healthy:
+            h.healthy = True
+            self._verdict_reached = True
+            return True
+        return False
+
     async def aclose(self) -> None:
         if self._client is not None:
-            await self._client.aclose()
+            client, self._client = self._client, None
+            await client.aclose()
 
     async def __aenter__(self) -> HealthChecker:
         return self
@@ -358,7 +373,8 @@ class HealthChecker:
     async def _probe_unbounded(self) -> CheckResult:
         s = self.settings
         if s.http is not None:
-            assert self._client is not None
+            if self._client is None:  # closed by a previous run() (a reload)
+                self._client = _new_http_client()
             return await _probe_http(self._client, s.http, s.http_expect_status)
         if s.tcp is not None:
             return await _probe_tcp(s.tcp)

@@ -312,6 +312,8 @@ class LocalCluster:
         self._http = httpx.Client(trust_env=False, timeout=1.0)
         self.key_path = self.workdir / "cluster.key"
         self.token_path = self.workdir / "do_token"
+        #: Per node, `config_text` options its config is written with (see rewrite_config).
+        self.config_options: dict[int, dict[str, Any]] = {}
         self.members: dict[int, Member] = {}
         for node in range(1, size + 1):
             self.members[node] = Member(
@@ -352,11 +354,25 @@ class LocalCluster:
         self.key_path.write_text(generate_cluster_key() + "\n")
         self.key_path.chmod(0o600)
         for member in self.members.values():
-            member.config_path.write_text(self.config_text(member.id))
+            options = self.config_options.get(member.id, {})
+            member.config_path.write_text(self.config_text(member.id, **options))
 
-    def config_text(self, node: int) -> str:
-        """The TOML one member runs with (ports and paths filled in)."""
+    def config_text(
+        self,
+        node: int,
+        *,
+        members: Iterable[int] | None = None,
+        joining: Iterable[int] = (),
+        leaving: Iterable[int] = (),
+    ) -> str:
+        """The TOML one member runs with (ports and paths filled in).
+
+        `members` limits the membership it lists (default: every member of this cluster);
+        `joining`/`leaving` mark a membership change in progress (README: Changing
+        membership)."""
         me = self.members[node]
+        listed = set(self.members if members is None else members) | {node}
+        joining, leaving = set(joining), set(leaving)
         lines = [
             f"node_id = {node}",
             f'bind = "{LOOPBACK}:{me.udp_port}"',
@@ -367,17 +383,23 @@ class LocalCluster:
         ]
         if not me.eligible:
             lines.append("eligible = false")
+        if node in joining:
+            lines.append("joining = true")
+        if node in leaving:
+            lines.append("leaving = true")
         lines.append("")
         for peer in self.members.values():
-            if peer.id == node:
+            if peer.id == node or peer.id not in listed:
                 continue
             lines += [
                 "[[peers]]",
                 f"id = {peer.id}",
                 f'address = "{LOOPBACK}:{peer.udp_port}"',
                 f"eligible = {_toml_value(peer.eligible)}",
-                "",
             ]
+            lines += ["joining = true"] if peer.id in joining else []
+            lines += ["leaving = true"] if peer.id in leaving else []
+            lines.append("")
         lines += _toml_table("timing", self.timing)
         lines += _toml_table("hooks", self.hooks)
         if self.with_ip:
@@ -398,29 +420,37 @@ class LocalCluster:
             lines += _toml_table("assigner", self.assigner)
         return "\n".join(lines) + "\n"
 
-    def start(self, *, synchronized: bool = False) -> None:
+    def start(self, *, synchronized: bool = False, only: Iterable[int] | None = None) -> None:
         """Start everything and wait until every status port answers (bounded).
 
         Processes are spawned back to back; their start-up (imports) still spreads them
         over a second or so. With `synchronized`, each node is frozen (SIGSTOP) the moment
         it has bound its election port, and all are released (SIGCONT) together once every
-        one is bound, so their elections really begin at the same instant.
+        one is bound, so their elections really begin at the same instant. `only` starts
+        just those members (the others can join later with `start_node`).
         """
         if self.with_ip:
             self._start_web_services()
             self._start_emulator()
         self.write_files()
-        for member in self.members.values():
+        self.start_written(synchronized=synchronized, only=only)
+
+    def start_written(
+        self, *, synchronized: bool = False, only: Iterable[int] | None = None
+    ) -> None:
+        """Like `start`, with the config files as they are (a test may have edited them)."""
+        starting = [self.members[n] for n in (self.members if only is None else only)]
+        for member in starting:
             self._spawn(member)
         if synchronized:
-            self._freeze_each_once_bound()
-            for member in self.members.values():
+            self._freeze_each_once_bound(starting)
+            for member in starting:
                 self.resume(member.id)
-        for node in self.members:
-            self.wait_ready(node)
+        for member in starting:
+            self.wait_ready(member.id)
 
-    def _freeze_each_once_bound(self) -> None:
-        waiting = dict(self.members)
+    def _freeze_each_once_bound(self, members: list[Member]) -> None:
+        waiting = {m.id: m for m in members}
         deadline = time.monotonic() + self.ready_timeout
         while waiting:
             for node, member in list(waiting.items()):
@@ -449,6 +479,28 @@ class LocalCluster:
         finally:
             log.close()
         (self.workdir / f"node{member.id}.pid").write_text(f"{member.process.pid}\n")
+
+    def rewrite_config(self, node: int, **options: Any) -> None:
+        """Write a new config for `node` (see `config_text` for the options)."""
+        self.config_options[node] = options
+        self.members[node].config_path.write_text(self.config_text(node, **options))
+
+    def reload(self, node: int, timeout: float = 10.0) -> Event:
+        """SIGHUP `node` and return its log line saying how the reload ended."""
+        since = len(self.events(node))
+        process = self.members[node].process
+        if process is None or process.poll() is not None:
+            raise ClusterError(f"node {node} is not running")
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for event in self.events(node)[since:]:
+                if event.get("event") in ("reloaded", "reload_refused"):
+                    return event
+            if process.poll() is not None:
+                raise ClusterError(f"node {node} exited on SIGHUP:\n{self.log_tail(node)}")
+            time.sleep(0.02)
+        raise ClusterError(f"node {node} did not report its reload:\n{self.log_tail(node)}")
 
     def start_node(self, node: int, *, wait: bool = True) -> None:
         """Start a member that is not running (its log file is appended to)."""

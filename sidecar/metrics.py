@@ -29,6 +29,7 @@ class NodeSource(Protocol):
     def view(self) -> View: ...
     def drop_counts(self) -> Mapping[str, int]: ...
     def counter_values(self) -> Mapping[str, int]: ...
+    def peer_reports(self) -> Mapping[int, Mapping[str, object]]: ...
 
 
 class _NodeCollector(Collector):
@@ -63,6 +64,7 @@ class _NodeCollector(Collector):
                 rtt.add_metric([str(peer.id)], peer.rtt)
         yield alive
         yield rtt
+        yield from self._peer_problems()
         drops = CounterMetricFamily(
             "fip_packets_dropped", "Packets dropped on receipt, by reason", labels=["reason"]
         )
@@ -73,6 +75,37 @@ class _NodeCollector(Collector):
         counters = self._source.counter_values()
         for name, help_text in _COUNTERS.items():
             yield CounterMetricFamily(f"fip_{name}", help_text, value=counters.get(name, 0))
+
+    def _peer_problems(self) -> Iterator[Metric]:
+        offset = GaugeMetricFamily(
+            "fip_peer_clock_offset_seconds",
+            "The peer's wall clock minus ours (informational: the election ignores it)",
+            labels=["peer"],
+        )
+        refused = GaugeMetricFamily(
+            "fip_peer_refused",
+            "1 while the peer's packets are refused, by kind (wrong_key, config_mismatch, stale)",
+            labels=["peer", "kind"],
+        )
+        duplicates = GaugeMetricFamily(
+            "fip_peer_duplicate_processes",
+            "Second processes heard recently that use the peer's node id",
+            labels=["peer"],
+        )
+        for peer_id, report in sorted(self._source.peer_reports().items()):
+            label = str(peer_id)
+            value = report.get("clock_offset")
+            if isinstance(value, float | int):
+                offset.add_metric([label], float(value))
+            reason = report.get("refusing")
+            for kind in ("wrong_key", "config_mismatch", "stale"):
+                hit = isinstance(reason, str) and reason.startswith(kind)
+                refused.add_metric([label, kind], 1 if hit else 0)
+            found = report.get("duplicates")
+            duplicates.add_metric([label], len(found) if isinstance(found, list) else 0)
+        yield offset
+        yield refused
+        yield duplicates
 
 
 class _HealthCollector(Collector):

@@ -14,6 +14,7 @@ current state); `is_leader()` reads the lease against the clock right now; and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import random
@@ -69,7 +70,14 @@ class _Shutdown:
     pass
 
 
-_Input = _Packets | _HealthChanged | _Shutdown
+@dataclass(frozen=True, slots=True)
+class _Reconfigure:
+    config: Config
+    addresses: dict[int, tuple[str, int]]
+    done: trio.Event
+
+
+_Input = _Packets | _HealthChanged | _Shutdown | _Reconfigure
 
 
 @dataclass(slots=True)
@@ -120,6 +128,8 @@ class Node:
         self._leadership_changed = trio.Event()
         self._healthy_initially = True
         self._health_allowance: float | None = None
+        self._nursery: trio.Nursery | None = None
+        self._receivers: dict[socket.socket, trio.CancelScope] = {}
         self._elections_seen = 0
         self._sockets: ElectionSockets | None = None
         self._stopped = trio.Event()
@@ -142,6 +152,30 @@ class Node:
 
     def view(self) -> View:
         return self.election.view(trio.current_time())
+
+    def peer_reports(self) -> dict[int, dict[str, object]]:
+        """Per peer, what the election view does not say: its clock offset, why it is not
+        counted (when it is not), and any second process speaking with its id."""
+        now = trio.current_time()
+        timeout = self.config.timing.peer_timeout
+        reports: dict[int, dict[str, object]] = {}
+        for peer_id, record in self.tracker.peers.items():
+            alive = self._election is not None and self._election.peers[peer_id].alive(now, timeout)
+            reason = self.tracker.refusal(peer_id, now)
+            if reason is None and not alive:
+                heard = self._election is not None and (
+                    self._election.peers[peer_id].last_heard is not None
+                )
+                reason = "silent: nothing heard for peer_timeout" if heard else "never heard"
+            offset = record.clock_offset
+            reports[peer_id] = {
+                "not_counted": None if alive else reason,
+                "refusing": reason,
+                "clock_offset": None if offset is None else round(offset, 3),
+                "restarts": record.restarts,
+                "duplicates": self.tracker.duplicates(peer_id, now),
+            }
+        return reports
 
     def drop_counts(self) -> Mapping[str, int]:
         return {str(reason): count for reason, count in self.codec.drops.items()}
@@ -186,6 +220,19 @@ class Node:
         except trio.WouldBlock:
             log.warning("input queue full; health change deferred to the next check")
 
+    async def reconfigure(self, config: Config) -> None:
+        """Apply a reloaded config's peers and membership without stopping: moved peers
+        are reconnected, new ones get a socket, removed ones are closed, and the election
+        keeps its state (a leader keeps its lease). The caller checked that nothing else
+        that needs a restart (bind, node id, key, timing) changed."""
+        addresses = {
+            peer_id: await self._resolve(address)
+            for peer_id, address in config.peer_addresses.items()
+        }
+        done = trio.Event()
+        await self._inputs_tx.send(_Reconfigure(config, addresses, done))
+        await done.wait()
+
     def request_shutdown(self) -> None:
         """Resign if leading, tell the peers, and make `run` return."""
         try:
@@ -229,8 +276,9 @@ class Node:
         )
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 for sock in sockets.readable():
-                    nursery.start_soon(self._receive, sock)
+                    self._start_receiver(sock)
                 nursery.start_soon(self._drive)
                 task_status.started()
                 await self._stopped.wait()
@@ -242,6 +290,36 @@ class Node:
             for subscriber in self._subscribers:
                 subscriber.close()
             log.info("node stopped", extra={"event": "stopped"})
+
+    def _start_receiver(self, sock: socket.socket) -> None:
+        assert self._nursery is not None
+        scope = trio.CancelScope()
+        self._receivers[sock] = scope
+
+        async def receive() -> None:
+            # ClosedResourceError: its peer was removed by a reload.
+            with scope, contextlib.suppress(trio.ClosedResourceError):
+                await self._receive(sock)
+
+        self._nursery.start_soon(receive)
+
+    def _apply_config(self, change: _Reconfigure, now: float) -> Ready:
+        config = change.config
+        assert self._sockets is not None
+        opened, closed = self._sockets.update(change.addresses)
+        for sock in closed:
+            self._receivers.pop(sock).cancel()
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
+        for sock in opened:
+            self._start_receiver(sock)
+        self.codec.set_peers(config.peer_addresses)
+        self.codec.set_membership(config.membership_digests, config.member_list)
+        self.tracker.set_peers(config.peer_addresses)
+        self.tracker.own_members = config.member_list
+        self.tracker.max_clock_skew = config.max_clock_skew
+        self.config = config
+        return self.election.reconfigure(config.members, config.memberships, now)
 
     async def _resolve(self, address: Address) -> tuple[str, int]:
         infos = await trio.socket.getaddrinfo(address.host, address.port, type=socket.SOCK_DGRAM)
@@ -362,6 +440,9 @@ class Node:
                         extra={"event": "health", "healthy": healthy},
                     )
                     ready = election.set_healthy(healthy, now)
+                case _Reconfigure():
+                    ready = self._apply_config(item, now)
+                    item.done.set()
                 case _Shutdown():
                     ready = election.shutdown(now)
                     self._apply(ready)

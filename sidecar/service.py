@@ -10,25 +10,42 @@ from __future__ import annotations
 import logging
 import random
 import signal
+import socket
+from collections.abc import Callable
 
 import msgspec
 import trio
 
+from sidecar import files
 from sidecar.assigner import Assigner
-from sidecar.config import Config
-from sidecar.digitalocean import DigitalOceanClient, ProviderError, load_token
+from sidecar.config import Address, Config, ConfigError
+from sidecar.digitalocean import DigitalOceanClient, ProviderError, TokenError, TokenSource
 from sidecar.election import Event, GainedLeadership, LeaderChanged, LostLeadership
 from sidecar.health import HealthChecker
 from sidecar.hooks import HookRunner
 from sidecar.metrics import Metrics
 from sidecar.node import EventListener, Node
+from sidecar.reload import plan as reload_plan
 from sidecar.status import StatusApp, serve_status
+from sidecar.transport import bind_problem
 
 log = logging.getLogger(__name__)
 
 
 class StartupError(Exception):
     """The sidecar cannot start (e.g. the droplet id cannot be discovered); exit non-zero."""
+
+
+def _check_status_port(listen: Address) -> None:
+    """Fail before the node speaks if the status port is taken: a process that joins the
+    election and dies a moment later costs the cluster more than one that never started."""
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
+            probe.bind((listen.host, listen.port))
+    except OSError as exc:
+        raise StartupError(f"status_listen: {listen} {bind_problem(exc)}") from None
 
 
 def _hook_listener(hooks: HookRunner) -> EventListener:
@@ -59,8 +76,18 @@ async def _droplet_id(config: Config, client: DigitalOceanClient) -> int:
         ) from None
 
 
-async def serve(config: Config) -> None:
-    """Run the sidecar until SIGTERM/SIGINT; a leader resigns before the process ends."""
+async def serve(config: Config, *, reload: Callable[[], Config] | None = None) -> None:
+    """Run the sidecar until SIGTERM/SIGINT; a leader resigns before the process ends.
+
+    What can be checked before the node joins the election is checked first (the status
+    port, the API token), so those mistakes end the process before it sends a packet.
+    With `reload` (how to read the config again), SIGHUP applies the new config live where
+    it can and refuses it whole where it cannot (see `sidecar/reload.py`).
+    """
+    for warning in files.permission_warnings(config):
+        log.warning(warning.message, extra={"event": "insecure_file", "key": warning.key})
+    _check_status_port(config.status_listen)
+    tokens = None if config.floating_ip is None else TokenSource(config.digitalocean)
     node = Node(config)
     metrics = Metrics()
     metrics.watch(node)
@@ -85,28 +112,127 @@ async def serve(config: Config) -> None:
         "hooks",
         lambda: {"pending": hooks.pending, "last": msgspec.to_builtins(hooks.last_result)},
     )
+    running = _Running(config, node, health, hooks)
+    app.add_section("reload", running.summary)
 
     async with trio.open_nursery() as nursery:
+        running.nursery = nursery
         nursery.start_soon(_stop_on_signal, node)
+        if reload is not None:
+            nursery.start_soon(_reload_on_signal, running, reload)
         await nursery.start(_run_node_then_stop_all, node, hooks, nursery.cancel_scope)
         await nursery.start(serve_status, app, config.status_listen)
-        nursery.start_soon(health.run, node.set_healthy)
+        running.start_health()
         nursery.start_soon(hooks.run)
-        if config.floating_ip is not None:
-            await nursery.start(_run_assigner, config, node, metrics, app)
+        if tokens is not None:
+            running.tokens = tokens
+            running.assigner = await nursery.start(
+                _run_assigner, config, tokens, node, metrics, app
+            )
+
+
+class _Running:
+    """The parts a reload may touch, and the outcome of the last reload (for /status)."""
+
+    def __init__(self, config: Config, node: Node, health: HealthChecker, hooks: HookRunner):
+        self.config = config
+        self.node = node
+        self.health = health
+        self.hooks = hooks
+        self.assigner: Assigner | None = None
+        self.tokens: TokenSource | None = None
+        self.nursery: trio.Nursery | None = None
+        self._health_scope = trio.CancelScope()
+        self.reloads = 0
+        self.last: dict[str, object] | None = None
+
+    def summary(self) -> dict[str, object]:
+        return {"reloads": self.reloads, "last": self.last}
+
+    def start_health(self) -> None:
+        assert self.nursery is not None
+        self._health_scope = scope = trio.CancelScope()
+
+        async def run_health() -> None:
+            with scope:
+                await self.health.run(self.node.set_healthy)
+
+        self.nursery.start_soon(run_health)
+
+    def refresh_token(self) -> None:
+        """Every reload re-reads the token file (a rotated token), whatever else changed,
+        and lets an assigner waiting out a 401/403/404 try again at once."""
+        if self.tokens is not None:
+            try:
+                self.tokens.refresh()
+            except TokenError as exc:
+                log.error("reload: token not re-read", extra={"event": "token", "error": str(exc)})
+        if self.assigner is not None:
+            self.assigner.retry_now()
+
+    async def apply(self, new: Config) -> None:
+        """Apply `new` if every difference can be applied live; else refuse it whole."""
+        self.refresh_token()
+        change = reload_plan(self.config, new)
+        self.reloads += 1
+        if change.refused:
+            self.last = {"outcome": "refused", "restart_needed": list(change.restart_only)}
+            log.error(
+                "reload refused: these settings only change with a restart; "
+                "still running on the previous config",
+                extra={"event": "reload_refused", "restart_needed": list(change.restart_only)},
+            )
+            return
+        if change.membership_changed or "max_clock_skew" in change.live:
+            await self.node.reconfigure(new)
+        if "health" in change.live:
+            self._health_scope.cancel()
+            if self.health.reconfigure(new.health):
+                self.node.set_healthy(self.health.healthy)
+            self.start_health()
+        if "hooks" in change.live:
+            self.hooks.settings = new.hooks
+        if "assigner" in change.live and self.assigner is not None:
+            self.assigner.update_settings(new.assigner)
+        if "log_level" in change.live:
+            logging.getLogger().setLevel(new.log_level.upper())
+        self.config = new
+        self.last = {"outcome": "applied", "changed": list(change.live)}
+        log.info(
+            "config reloaded",
+            extra={"event": "reloaded", "changed": list(change.live), "quorum": new.quorum_text},
+        )
+
+
+async def _reload_on_signal(running: _Running, reload: Callable[[], Config]) -> None:
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            log.info("SIGHUP received; reloading the config", extra={"event": "signal"})
+            try:
+                new = reload()
+            except ConfigError as exc:
+                running.refresh_token()
+                running.reloads += 1
+                running.last = {"outcome": "error", "error": str(exc)}
+                log.error(
+                    "reload refused: config error; still running on the previous config",
+                    extra={"event": "reload_refused", "error": str(exc)},
+                )
+                continue
+            await running.apply(new)
 
 
 async def _run_assigner(
     config: Config,
+    tokens: TokenSource,
     node: Node,
     metrics: Metrics,
     app: StatusApp,
     *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[Assigner] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     assert config.floating_ip is not None
-    token = load_token(config.digitalocean)
-    async with DigitalOceanClient(config.digitalocean, token) as client:
+    async with DigitalOceanClient(config.digitalocean, tokens) as client:
         droplet_id = await _droplet_id(config, client)
         assigner = Assigner(
             client,
@@ -116,9 +242,10 @@ async def _run_assigner(
             config.assigner,
             random.Random(),
             metrics,
+            tokens=tokens,
         )
         app.add_section("floating_ip", lambda: msgspec.to_builtins(assigner.snapshot()))
-        task_status.started()
+        task_status.started(assigner)
         await assigner.run()
 
 

@@ -48,6 +48,7 @@ def view_to_json(view: View) -> dict[str, Any]:
         "promise_to": view.promise_to,
         "promise_remaining": _round(view.promise_remaining),
         "in_startup_quiet": view.in_startup_quiet,
+        "waiting_for": view.waiting_for,
         "peers": [
             {
                 "id": peer.id,
@@ -79,7 +80,18 @@ class StatusApp:
 
     def status(self) -> dict[str, Any]:
         body = view_to_json(self._node.view())
-        body["profile"] = self._node.config.profile
+        reports = self._node.peer_reports()
+        for peer in body["peers"]:
+            peer.update(reports.get(peer["id"], {}))
+        config = self._node.config
+        body["membership"] = {
+            "cluster_name": config.cluster_name,
+            "members": [sorted(m) for m in config.memberships],
+            "digests": [f"{d:016x}" for d in config.membership_digests],
+            "changing": config.changing_membership,
+            "quorum": config.quorum_text,
+        }
+        body["profile"] = config.profile
         body["packets"] = {
             **self._node.counter_values(),
             "dropped": dict(self._node.drop_counts()),

@@ -26,20 +26,45 @@ def render(status: dict[str, Any]) -> str:
     ]
     if status.get("lease_remaining") is not None:
         lines.append(f"  lease: {status['lease_remaining']:.3f}s left")
+    if status.get("waiting_for"):
+        lines.append(f"  not leading: {status['waiting_for']}")
     if status.get("in_startup_quiet"):
         lines.append("  in start-up quiet period (casts no vote yet)")
+    membership = status.get("membership")
+    if isinstance(membership, dict):
+        members = " -> ".join(
+            "{" + ",".join(str(i) for i in m) + "}" for m in membership.get("members", [])
+        )
+        change = " (membership change in progress)" if membership.get("changing") else ""
+        lines.append(f"  members {members}, quorum {membership.get('quorum')}{change}")
     lines.append("")
     lines.append(
         f"  {'peer':>4}  {'alive':<5}  {'eligible':<8}  {'healthy':<7}  "
-        f"{'leader':<6}  {'last heard':<12}  rtt"
+        f"{'leader':<6}  {'last heard':<12}  {'rtt':<9}  clock"
     )
+    problems: list[str] = []
     for peer in status["peers"]:
         leader = "-" if peer["leader_id"] is None else str(peer["leader_id"])
+        offset = peer.get("clock_offset")
+        clock = "-" if offset is None else f"{offset:+.3f}s"
         lines.append(
             f"  {peer['id']:>4}  {peer['alive']!s:<5}  {peer['eligible']!s:<8}  "
             f"{peer['healthy']!s:<7}  {leader:<6}  {_age(peer['last_heard_age']):<12}  "
-            f"{_ms(peer['rtt'])}"
+            f"{_ms(peer['rtt']):<9}  {clock}"
         )
+        if peer.get("not_counted"):
+            problems.append(f"  peer {peer['id']} not counted: {peer['not_counted']}")
+        elif peer.get("refusing"):
+            problems.append(f"  peer {peer['id']}: {peer['refusing']}")
+        for dup in peer.get("duplicates") or []:
+            problems.append(
+                f"  peer {peer['id']}: a SECOND PROCESS uses this id "
+                f"(incarnation {dup['incarnation']}, from {dup.get('source') or 'unknown'}); "
+                "its packets are dropped"
+            )
+    if problems:
+        lines.append("")
+        lines.extend(problems)
     for section in ("health", "floating_ip"):
         if isinstance(status.get(section), dict):
             lines.append("")

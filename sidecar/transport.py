@@ -7,17 +7,46 @@ only the catch-all socket's receive buffer, and a peer's heartbeats keep their o
 and their own turn in the scheduler: measured here, a 10,000 packet/s flood through one
 shared socket overflowed its buffer and cost a starved leader its lease. Packets from a
 peer behind NAT (source port rewritten) simply arrive on the catch-all socket.
+
+SO_REUSEPORT would also let a second process of the same user share the port silently
+(a second `fip-sidecar run` with the same config, speaking as the same node id), so
+`open()` first binds the address once *without* it: that fails with EADDRINUSE if any
+socket holds the port, and the process refuses to start (`BindError`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
+
+
+class BindError(OSError):
+    """The election address (config key `bind`) cannot be bound; the message names it."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def bind_problem(exc: OSError) -> str:
+    """Why a bind failed, in words an operator acts on (the caller adds the address)."""
+    match exc.errno:
+        case errno.EADDRINUSE:
+            return "is already in use"
+        case errno.EADDRNOTAVAIL:
+            return "is not an address of this machine"
+        case errno.EACCES:
+            return "needs privileges (a port below 1024 needs CAP_NET_BIND_SERVICE)"
+    return f"cannot be bound: {exc.strerror or exc}"
+
+
+def _show(bind: tuple[str, int]) -> str:
+    return f"[{bind[0]}]:{bind[1]}" if ":" in bind[0] else f"{bind[0]}:{bind[1]}"
 
 
 @dataclass
@@ -28,23 +57,54 @@ class ElectionSockets:
     peers: dict[int, socket.socket] = field(default_factory=dict)
     addresses: dict[int, tuple[str, int]] = field(default_factory=dict)
 
+    bind: tuple[str, int] = ("", 0)
+
     @classmethod
     def open(cls, bind: tuple[str, int], peers: Mapping[int, tuple[str, int]]) -> ElectionSockets:
         family = socket.AF_INET6 if ":" in bind[0] else socket.AF_INET
-        sockets = cls(_bound(family, bind), addresses=dict(peers))
         try:
-            for peer_id, address in peers.items():
-                try:
-                    sock = _bound(family, bind)
-                except OSError as exc:  # no SO_REUSEPORT here: share the catch-all socket
-                    log.warning("per-peer sockets unavailable", extra={"error": str(exc)})
-                    break
-                sockets.peers[peer_id] = sock
-                sock.connect(address)
+            _bound(family, bind, reuse_port=False).close()  # is anyone else on this port?
+        except OSError as exc:
+            hint = (
+                " (is another fip-sidecar running with this config?)"
+                if exc.errno == errno.EADDRINUSE
+                else ""
+            )
+            raise BindError(exc.errno, f"bind: {_show(bind)} {bind_problem(exc)}{hint}") from None
+        sockets = cls(_bound(family, bind), bind=bind)
+        try:
+            sockets.update(peers)
         except OSError:
             sockets.close()
             raise
         return sockets
+
+    def update(
+        self, peers: Mapping[int, tuple[str, int]]
+    ) -> tuple[list[socket.socket], list[socket.socket]]:
+        """Follow a new peer list (a reload): reconnect moved peers, open sockets for new
+        ones, close those of removed ones. Returns (opened, closed) for the receive tasks."""
+        opened: list[socket.socket] = []
+        closed: list[socket.socket] = []
+        for peer_id in set(self.peers) - set(peers):
+            sock = self.peers.pop(peer_id)
+            closed.append(sock)
+        for peer_id in set(self.addresses) - set(peers):
+            del self.addresses[peer_id]
+        family = self.catch_all.family
+        for peer_id, address in peers.items():
+            self.addresses[peer_id] = address
+            if peer_id not in self.peers:
+                try:
+                    self.peers[peer_id] = _bound(family, self.bind)
+                except OSError as exc:  # no SO_REUSEPORT here: share the catch-all socket
+                    log.warning("per-peer sockets unavailable", extra={"error": str(exc)})
+                    continue
+                opened.append(self.peers[peer_id])
+            self.peers[peer_id].connect(
+                address
+            )  # reconnecting a UDP socket just moves it to the new peer
+        return opened, closed
 
     def peer_of(self, sock: socket.socket) -> int | None:
         """The peer a connected socket belongs to (None for the catch-all)."""
@@ -73,11 +133,12 @@ class ElectionSockets:
                 sock.close()
 
 
-def _bound(family: int, bind: tuple[str, int]) -> socket.socket:
+def _bound(family: int, bind: tuple[str, int], *, reuse_port: bool = True) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(bind)
     except OSError:
         sock.close()

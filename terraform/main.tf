@@ -10,7 +10,10 @@ locals {
     "2" = { eligible = true }
     "3" = { eligible = false }
   }
-  sidecar_token_in_user_data = var.template_sidecar_token && var.sidecar_do_token != ""
+  # nonsensitive(): whether the token is empty is not a secret, and without it this local, and
+  # so the token_placement output, would be sensitive ("Output refers to sensitive values").
+  sidecar_token_in_user_data = var.template_sidecar_token && nonsensitive(var.sidecar_do_token != "")
+  token_precondition_message = "sidecar_do_token is empty: set it, or set template_sidecar_token = false and place /etc/fip-sidecar/do_token on each droplet yourself."
   configure_script           = file("${path.module}/files/configure_sidecar.py")
 
   # Everything a node needs to write its own config, except the peers' addresses, which
@@ -51,6 +54,14 @@ resource "digitalocean_reserved_ip" "service" {
   }
 }
 
+# Optional: a VPC of the eligible pair's own (vpc_ip_range); otherwise the region's default VPC.
+resource "digitalocean_vpc" "cluster" {
+  count    = var.vpc_ip_range == "" ? 0 : 1
+  name     = "${var.name_prefix}-${var.primary_region}"
+  region   = var.primary_region
+  ip_range = var.vpc_ip_range
+}
+
 resource "digitalocean_droplet" "eligible" {
   #checkov:skip=CKV_DIO_2:ssh_keys is var.ssh_key_fingerprints, a required variable validated non-empty; checkov cannot resolve it
   count = 2
@@ -62,10 +73,15 @@ resource "digitalocean_droplet" "eligible" {
   ssh_keys   = var.ssh_key_fingerprints
   monitoring = true
   ipv6       = true
+  vpc_uuid   = one(digitalocean_vpc.cluster[*].id)
   tags = [
-    digitalocean_tag.cluster.id,
-    digitalocean_tag.node[tostring(count.index + 1)].id,
+    digitalocean_tag.cluster.name,
+    digitalocean_tag.node[tostring(count.index + 1)].name,
   ]
+
+  # The firewall applies by tag, so it must exist before a droplet carrying the tag boots:
+  # a droplet (also a replacement) is never reachable unprotected.
+  depends_on = [digitalocean_firewall.cluster]
 
   user_data = templatefile("${path.module}/cloud-init.yaml.tftpl", {
     cluster_json       = jsonencode(merge(local.cluster_settings, { node_id = count.index + 1, health_url = "http://127.0.0.1:${var.web_port}${var.health_path}" }))
@@ -79,15 +95,21 @@ resource "digitalocean_droplet" "eligible" {
   })
 
   lifecycle {
-    # user_data is only read at first boot, and changing it forces a new droplet. Ignoring
-    # it keeps a token rotation or an image bump from recreating all three droplets at once
-    # (an outage); roll such changes one node at a time with
-    # `terraform apply -replace='digitalocean_droplet.eligible[1]'`.
-    ignore_changes = [user_data]
+    # A change of image, ssh_keys, user_data or vpc_uuid replaces a droplet, and one of size
+    # powers it off to resize it: applied to all droplets at once, that is an outage.
+    # Terraform ignores them, so one apply never takes down more than one droplet; README
+    # "Rolling changes" rolls them out one droplet at a time with `terraform apply -replace`,
+    # and check "rollout" below lists the droplets left to roll.
+    ignore_changes = [image, size, ssh_keys, user_data, vpc_uuid]
 
     precondition {
-      condition     = !var.template_sidecar_token || var.sidecar_do_token != ""
-      error_message = "sidecar_do_token is empty: set it, or set template_sidecar_token = false and place /etc/fip-sidecar/do_token on each droplet yourself."
+      condition     = !var.template_sidecar_token || nonsensitive(var.sidecar_do_token != "")
+      error_message = local.token_precondition_message
+    }
+
+    precondition {
+      condition     = var.web_port != var.status_port
+      error_message = "web_port and status_port must differ: the web service and the sidecar's status server both listen on the droplet's host network."
     }
   }
 }
@@ -102,9 +124,11 @@ resource "digitalocean_droplet" "witness" {
   monitoring = true
   ipv6       = true
   tags = [
-    digitalocean_tag.cluster.id,
-    digitalocean_tag.node["3"].id,
+    digitalocean_tag.cluster.name,
+    digitalocean_tag.node["3"].name,
   ]
+
+  depends_on = [digitalocean_firewall.cluster]
 
   # The witness runs no web service and needs no health check (it never leads); it still
   # needs the token, with droplet:read, to look up the other members' addresses.
@@ -120,11 +144,51 @@ resource "digitalocean_droplet" "witness" {
   })
 
   lifecycle {
-    ignore_changes = [user_data]
+    ignore_changes = [image, size, ssh_keys, user_data, vpc_uuid] # as for the eligible pair
+
+    precondition {
+      condition     = !var.template_sidecar_token || nonsensitive(var.sidecar_do_token != "")
+      error_message = local.token_precondition_message
+    }
 
     precondition {
       condition     = var.witness_region != var.primary_region
       error_message = "witness_region must differ from primary_region: a witness in the same region fails together with the eligible pair."
     }
   }
+}
+
+# What an apply left for the rolling procedure: droplets still on an old image, size or key set.
+# A check block warns (it never fails a plan), naming the command for each droplet.
+check "rollout" {
+  assert {
+    condition = length(local.droplets_to_roll) == 0
+    error_message = join("\n", concat(
+      ["Droplets differ from droplet_image/droplet_size/ssh_key_fingerprints; roll them one at a time (README, Rolling changes):"],
+      [for address in local.droplets_to_roll : "  terraform apply -replace='${address}'"],
+    ))
+  }
+}
+
+locals {
+  droplets_by_address = merge(
+    { for index, droplet in digitalocean_droplet.eligible : "digitalocean_droplet.eligible[${index}]" => droplet },
+    { "digitalocean_droplet.witness" = digitalocean_droplet.witness },
+  )
+  droplets_to_roll = sort([
+    for address, droplet in local.droplets_by_address : address
+    if droplet.image != var.droplet_image || droplet.size != var.droplet_size || toset(droplet.ssh_keys) != toset(var.ssh_key_fingerprints)
+  ])
+}
+
+# The project DigitalOcean's control panel groups the deployment under.
+resource "digitalocean_project" "cluster" {
+  name        = var.project_name == "" ? var.name_prefix : var.project_name
+  description = "fip-sidecar: two eligible droplets and a witness sharing a reserved IP"
+  purpose     = "Web Application"
+  environment = var.project_environment
+  resources = concat(
+    digitalocean_droplet.eligible[*].urn,
+    [digitalocean_droplet.witness.urn, digitalocean_reserved_ip.service.urn],
+  )
 }

@@ -39,3 +39,16 @@ output "token_placement" {
     "ssh root@${droplet.ipv4_address} 'install -m 0600 -o 10001 -g 10001 /dev/stdin /etc/fip-sidecar/do_token' < sidecar.token"
   ])
 }
+
+output "uptime_check" {
+  description = "What DigitalOcean's uptime check probes (the reserved IP) and the id of its \"down\" alert."
+  value = {
+    target   = digitalocean_uptime_check.service.target
+    alert_id = digitalocean_uptime_alert.service_down.id
+  }
+}
+
+output "project_id" {
+  description = "The DigitalOcean project holding the droplets and the reserved IP."
+  value       = digitalocean_project.cluster.id
+}

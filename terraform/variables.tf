@@ -66,19 +66,19 @@ variable "witness_region" {
 }
 
 variable "droplet_size" {
-  description = "Droplet size slug for all three droplets."
+  description = "Droplet size slug for all three droplets. Changing it later changes no droplet by itself: roll it out one droplet at a time (README, Rolling changes)."
   type        = string
   default     = "s-1vcpu-1gb"
 }
 
 variable "droplet_image" {
-  description = "Droplet image slug (cloud-init installs Docker from the distribution's packages; tested against Ubuntu LTS)."
+  description = "Droplet image slug (cloud-init installs Docker from the distribution's packages; tested against Ubuntu LTS). Rolled out like droplet_size."
   type        = string
   default     = "ubuntu-24-04-x64"
 }
 
 variable "ssh_key_fingerprints" {
-  description = "Fingerprints (or ids) of SSH keys already in the DigitalOcean account, installed for root on every droplet."
+  description = "Fingerprints (or ids) of SSH keys already in the DigitalOcean account, installed for root on every droplet (at creation: rolled out like droplet_size)."
   type        = list(string)
 
   validation {
@@ -109,9 +109,14 @@ variable "web_image" {
 }
 
 variable "web_port" {
-  description = "Port the web service listens on (the firewall opens 80 and 443 to the world)."
+  description = "Port the web service listens on; the firewall opens it, 80 and 443 to the world, and the uptime check probes it on the reserved IP (https when 443)."
   type        = number
   default     = 80
+
+  validation {
+    condition     = var.web_port == floor(var.web_port) && var.web_port >= 1 && var.web_port <= 65535
+    error_message = "web_port must be a TCP port number, 1 to 65535."
+  }
 }
 
 variable "health_path" {
@@ -141,4 +146,67 @@ variable "timing_profile" {
     condition     = contains(["lan", "wan"], var.timing_profile)
     error_message = "timing_profile must be \"lan\" or \"wan\"."
   }
+}
+
+variable "vpc_ip_range" {
+  description = "Leave empty to put the eligible droplets in the primary region's default VPC, or give a range (RFC 1918, /16 to /28, e.g. 10.118.0.0/20) for a VPC of their own. The witness, in another region, stays in that region's default VPC (VPCs are regional). Rolled out like droplet_size."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = var.vpc_ip_range == "" || (can(cidrhost(var.vpc_ip_range, 0)) && try(tonumber(split("/", var.vpc_ip_range)[1]) >= 16 && tonumber(split("/", var.vpc_ip_range)[1]) <= 28, false))
+    error_message = "vpc_ip_range must be empty or a CIDR block from /16 to /28."
+  }
+}
+
+variable "project_name" {
+  description = "Name of the DigitalOcean project holding the droplets and the reserved IP (empty: name_prefix)."
+  type        = string
+  default     = ""
+}
+
+variable "project_environment" {
+  description = "Environment of the DigitalOcean project: \"Development\", \"Staging\" or \"Production\"."
+  type        = string
+  default     = "Production"
+
+  validation {
+    condition     = contains(["development", "staging", "production"], lower(var.project_environment))
+    error_message = "project_environment must be Development, Staging or Production."
+  }
+}
+
+variable "uptime_check_regions" {
+  description = "Where DigitalOcean's uptime check probes the reserved IP from (us_east, us_west, eu_west, se_asia)."
+  type        = list(string)
+  default     = ["us_east", "eu_west"]
+
+  validation {
+    condition     = length(var.uptime_check_regions) > 0 && alltrue([for region in var.uptime_check_regions : contains(["us_east", "us_west", "eu_west", "se_asia"], region)])
+    error_message = "uptime_check_regions: one or more of us_east, us_west, eu_west, se_asia."
+  }
+}
+
+variable "alert_emails" {
+  description = "Addresses (of members of the DigitalOcean team) the uptime alert mails when the service on the reserved IP is down. Give these, a Slack channel, or both."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for address in var.alert_emails : can(regex("^[^@\\s]+@[^@\\s]+\\.[^@\\s]+$", address))])
+    error_message = "alert_emails: every entry must be an e-mail address."
+  }
+}
+
+variable "alert_slack_channel" {
+  description = "Slack channel (e.g. #ops) the uptime alert posts to, through alert_slack_webhook_url; empty for none."
+  type        = string
+  default     = ""
+}
+
+variable "alert_slack_webhook_url" {
+  description = "Slack incoming-webhook URL for alert_slack_channel."
+  type        = string
+  sensitive   = true
+  default     = ""
 }

@@ -4,8 +4,9 @@ terraform {
 
   required_providers {
     digitalocean = {
-      source  = "digitalocean/digitalocean"
-      version = "~> 2.0"
+      source = "digitalocean/digitalocean"
+      # 2.21.0 added digitalocean_reserved_ip, 2.26.0 the uptime check and alert.
+      version = "~> 2.26"
     }
   }
 }

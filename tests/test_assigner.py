@@ -13,8 +13,10 @@ import bisect
 import itertools
 import json
 import logging
+import os
 import random
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,7 +27,7 @@ import trio.lowlevel
 import trio.testing
 
 from sidecar.assigner import Assigner, AssignerSettings, RequestBudget
-from sidecar.digitalocean import APIToken, DigitalOceanClient, DigitalOceanSettings
+from sidecar.digitalocean import APIToken, DigitalOceanClient, DigitalOceanSettings, TokenSource
 from sidecar.emulator import Emulator, EmulatorSettings, build_app
 from sidecar.emulator.faults import FaultUpdate
 
@@ -61,6 +63,8 @@ class FakeDO:
         self.fail_next_action = False
         self.actions_unknown = False  # reading an action by id answers 404
         self.override: Override | None = None
+        self.token = TOKEN_TEXT  # any other bearer token is answered 401
+        self.refused: list[float] = []  # when a request was refused for its token
         self.requests: list[tuple[float, str, str]] = []
         self.posts: list[tuple[float, int]] = []
         self._actions: dict[int, dict[str, Any]] = {}
@@ -102,7 +106,9 @@ class FakeDO:
         now = trio.current_time()
         path = request.url.path
         self.requests.append((now, request.method, path))
-        assert request.headers["authorization"] == f"Bearer {TOKEN_TEXT}"
+        if request.headers["authorization"] != f"Bearer {self.token}":
+            self.refused.append(now)
+            return error(401, "unauthorized", "Unable to authenticate you.")
         if self.override is not None:
             answer = await self.override(request)
             if answer is not None:
@@ -194,10 +200,14 @@ def start(
     observer: RecordingObserver | None = None,
     wall_clock: Callable[[], float] | None = None,
     seed: int = 7,
+    tokens: TokenSource | None = None,
 ) -> Assigner:
     extra: dict[str, Any] = {} if wall_clock is None else {"wall_clock": wall_clock}
     client = DigitalOceanClient(
-        CLIENT_SETTINGS, TOKEN, transport=httpx.MockTransport(fake.handler), **extra
+        CLIENT_SETTINGS,
+        TOKEN if tokens is None else tokens,
+        transport=httpx.MockTransport(fake.handler),
+        **extra,
     )
     assigner = Assigner(
         client,
@@ -207,6 +217,7 @@ def start(
         settings or AssignerSettings(),
         random.Random(seed),
         observer,
+        tokens=tokens,
     )
     nursery.start_soon(assigner.run)
     return assigner
@@ -355,7 +366,7 @@ async def test_unprocessable_waits_and_retries(autojump_clock: trio.testing.Mock
     assert len(post_times) == 3
     assert all(2.0 <= b - a < 5.0 for a, b in itertools.pairwise(post_times))
     assert fake.holder == ME
-    assert assigner.snapshot().last_error is not None
+    assert assigner.snapshot().last_error is None  # cleared once the API answered again
 
 
 async def test_a_refused_first_post_is_retried_without_the_cooloff(
@@ -524,6 +535,70 @@ async def test_config_errors_are_logged_loudly_and_retried_slowly(
     assert fake.holder == ME
     everything = caplog.text + repr([vars(r) for r in caplog.records]) + repr(broken)
     assert TOKEN_TEXT not in everything and "c0ffeec0ffee" not in everything
+
+
+async def test_a_changed_token_file_ends_the_wait_after_a_401(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """Issue 12, items 4 and 5: the token file is watched while a 401 is waited out (one
+    stat a second, no request): touching it with the same token costs no request, a new
+    token is used within a second instead of `config_error_retry_interval` later, and the
+    error leaves the snapshot once the API answers."""
+    path = tmp_path / "do_token"
+    path.write_text("dop_v1_" + "0" * 64 + "\n")
+    tokens = TokenSource(DigitalOceanSettings(token_file=str(path)), {})
+    fake, leadership = FakeDO(holder=OTHER), FakeLeadership()
+    async with trio.open_nursery() as nursery:
+        assigner = start(nursery, fake, leadership, tokens=tokens)
+        leadership.gain()
+        await trio.sleep(10)
+        info = path.stat()
+        os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns + 10**9))  # same token
+        await trio.sleep(10)
+        broken = assigner.snapshot()
+        rotated_at = trio.current_time()
+        path.write_text(TOKEN_TEXT + "\n")
+        await trio.sleep(10)
+        fixed = assigner.snapshot()
+        nursery.cancel_scope.cancel()
+    assert fake.refused == [0.0]  # one refused read; the touch cost nothing
+    assert broken.last_error is not None and broken.last_error.status == 401
+    retried = next(t for t, _, _ in fake.requests if t > 0)
+    assert rotated_at <= retried <= rotated_at + 1.0
+    assert fake.holder == ME and tokens.generation == 1
+    assert fixed.last_error is None and fixed.consecutive_failures == 0
+
+
+async def test_a_reload_ends_the_wait_after_a_404(autojump_clock: trio.testing.MockClock) -> None:
+    """Issue 12, item 5: an IP re-created after a 404 is used as soon as the config is
+    reloaded (`retry_now()`), not a minute later; a reload with nothing fixed costs one
+    request (and no more)."""
+    fake, leadership = FakeDO(holder=OTHER), FakeLeadership()
+    exists = False
+
+    async def missing(request: httpx.Request) -> httpx.Response | None:
+        if not exists and request.method == "GET":
+            return error(404, "not_found", "The resource you requested could not be found.")
+        return None
+
+    fake.override = missing
+    async with trio.open_nursery() as nursery:
+        assigner = start(nursery, fake, leadership)
+        leadership.gain()
+        await trio.sleep(10)
+        assigner.retry_now()  # a reload that fixed nothing
+        await trio.sleep(10)
+        broken = assigner.snapshot()
+        exists = True
+        assigner.retry_now()  # the reload after the IP was re-created
+        await trio.sleep(10)
+        fixed = assigner.snapshot()
+        nursery.cancel_scope.cancel()
+    assert fake.reads()[:3] == [0.0, 10.0, 20.0]
+    assert [t for t, _ in fake.posts] == [20.0]
+    assert broken.last_error is not None and broken.last_error.status == 404
+    assert fake.holder == ME
+    assert fixed.last_error is None
 
 
 # --------------------------------------------------------------------------- actions

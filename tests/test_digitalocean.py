@@ -40,6 +40,7 @@ from sidecar.digitalocean import (
     ReservedIP,
     ServerError,
     TokenError,
+    TokenSource,
     Unauthorized,
     UnexpectedStatus,
     Unprocessable,
@@ -207,6 +208,62 @@ def test_load_token_from_file_and_env(tmp_path: Path) -> None:
     # The file wins over the environment when configured.
     env = {"DIGITALOCEAN_TOKEN": "other"}
     assert load_token(DigitalOceanSettings(token_file=str(path)), env).reveal() == TOKEN_TEXT
+
+
+def test_token_source_rereads_the_file_and_keeps_the_old_token_on_a_bad_one(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "token"
+    path.write_text("dop_v1_old\n")
+    tokens = TokenSource(DigitalOceanSettings(token_file=str(path)), {})
+    assert tokens.rereadable and tokens.current().reveal() == "dop_v1_old"
+    assert not tokens.changed_on_disk() and not tokens.refresh() and tokens.generation == 0
+    path.write_text(TOKEN_TEXT + "\n")
+    assert tokens.changed_on_disk()
+    assert tokens.refresh() and tokens.current().reveal() == TOKEN_TEXT
+    assert tokens.generation == 1 and not tokens.changed_on_disk()
+    # Half a rotation (the file gone, or empty) keeps the token in use, and says why.
+    path.unlink()
+    with pytest.raises(TokenError, match=r"digitalocean\.token_file"):
+        tokens.refresh()
+    path.write_text("\n")
+    with pytest.raises(TokenError, match="empty"):
+        tokens.refresh()
+    assert tokens.current().reveal() == TOKEN_TEXT and tokens.generation == 1
+    assert TOKEN_TEXT not in repr(tokens)
+
+
+def test_token_source_from_the_environment_is_fixed() -> None:
+    tokens = TokenSource(DigitalOceanSettings(), {"DIGITALOCEAN_TOKEN": TOKEN_TEXT})
+    assert not tokens.rereadable
+    assert not tokens.changed_on_disk() and not tokens.refresh()
+    assert tokens.current().reveal() == TOKEN_TEXT
+
+
+async def test_the_client_sends_the_refreshed_token_and_masks_the_old_one(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "token"
+    path.write_text(TOKEN_TEXT + "\n")
+    tokens = TokenSource(DigitalOceanSettings(token_file=str(path)), {})
+    sent: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request.headers["authorization"])
+        # A server echoing every token it ever saw: both must be masked.
+        message = "bad tokens " + TOKEN_TEXT + " dop_v1_new"
+        return httpx.Response(401, json={"id": "unauthorized", "message": message})
+
+    async with DigitalOceanClient(LOCAL, tokens, transport=httpx.MockTransport(handler)) as client:
+        with pytest.raises(Unauthorized):
+            await client.get_reserved_ip(IP)
+        path.write_text("dop_v1_new\n")
+        assert tokens.refresh()
+        with pytest.raises(Unauthorized) as caught:
+            await client.get_reserved_ip(IP)
+    assert sent == [f"Bearer {TOKEN_TEXT}", "Bearer dop_v1_new"]
+    assert_no_token(caught.value)
+    assert "dop_v1_new" not in str(caught.value)
 
 
 def test_load_token_errors_name_the_place_and_never_the_token(tmp_path: Path) -> None:

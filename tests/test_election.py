@@ -601,3 +601,125 @@ def test_one_way_outbound_loss_does_not_skip_the_preempt_hold_down() -> None:
     assert h.leaders() == [2], "pre-empted before node 2 had heard node 1 for preempt_delay"
     h.run(healed + 5.0)
     assert h.leaders() == [1]  # the bully rule still applies once the hold-down has passed
+
+
+# ---------------------------------------------------------------------- issue 10 / 12 additions
+
+
+def test_every_round_is_counted_even_one_restarted_within_a_tick() -> None:
+    """A candidacy that expires and restarts in the same call was invisible to a runtime
+    that compared roles before and after (fip_elections_total stayed at 0 while the term
+    rose). The core counts rounds itself."""
+    node = lone(1)
+    for peer in (2, 3):
+        node.step(peer, heartbeat(viable=False), QUIET + 0.01)
+    node.tick(QUIET + 0.02)
+    assert node.role is Role.CANDIDATE and node.elections == 1
+    # No votes arrive; one tick past the round: it abandons and stands again at once.
+    late = QUIET + 0.02 + LAN.election_round * 1.3
+    for peer in (2, 3):
+        node.step(peer, heartbeat(viable=False), late - 0.001)
+    node.tick(late)
+    assert node.role is Role.CANDIDATE
+    assert node.elections == 2
+
+
+def test_sequence_numbers_of_two_processes_do_not_collide() -> None:
+    """An Ack meant for a predecessor's heartbeat must not match ours: seq starts at random."""
+    starts = set()
+    for seed in range(20):
+        node = Election(1, [Member(1), Member(2), Member(3)], LAN, 0.0, random.Random(seed))
+        ready = node.tick(0.0)
+        seqs = {o.msg.seq for o in ready.sends if isinstance(o.msg, Heartbeat)}
+        starts |= seqs
+    assert len(starts) == 20
+
+
+def test_a_promise_to_a_restarted_peer_blocks_its_new_process_until_it_runs_out() -> None:
+    """Node 3 promised node 1 (leader); node 1's process is replaced by another (a
+    duplicate or a restart). The new process must not get node 3's vote on the strength of
+    the old promise, or the old process could still be leading on it."""
+    h = settled(Harness())
+    assert h.leaders() == [1]
+    voter = h.nodes[3]
+    assert voter.promise_at(h.now) is not None
+    voter.peer_restarted(1, h.now)
+    promise = voter.promise_at(h.now)
+    assert promise is not None and promise[0] is None  # still blocking, for nobody
+    term = voter.term + 1
+    answer = vote_answer(voter.step(1, VoteRequest(term, 5), h.now))
+    assert not answer.granted and answer.reason == "promised"
+    later = h.now + LAN.lease_timeout + 0.01
+    answer = vote_answer(voter.step(1, VoteRequest(term + 1, 6), later))
+    assert answer.reason != "promised"
+
+
+def joint(old: set[int], new: set[int]) -> tuple[frozenset[int], frozenset[int]]:
+    return frozenset(old), frozenset(new)
+
+
+def test_a_transition_node_needs_a_majority_of_both_memberships() -> None:
+    """Growing {1,2,3} -> {1,2,3,4,5}: with 2 and 3 reachable node 1 has 3 of 5 and 3 of 3;
+    with only 2 it has 2 of 3 (enough for the old) but 2 of 5 (not for the new)."""
+    members = [Member(i) for i in range(1, 6)]
+    node = Election(
+        1, members, LAN, 0.0, random.Random(1), memberships=joint({1, 2, 3}, set(range(1, 6)))
+    )
+    at = QUIET + 0.01
+    node.step(2, heartbeat(viable=False), at)
+    node.tick(at)
+    assert not node.view(at).viable
+    assert node.view(at).waiting_for == (
+        "no quorum: 2 of 3 reachable, 2 needed; 2 of 5 reachable, 3 needed"
+    )
+    node.step(3, heartbeat(viable=False), at)
+    assert node.view(at).viable
+
+
+def test_a_leaving_member_never_stands() -> None:
+    members = [Member(i) for i in range(1, 5)]
+    node = Election(
+        4, members, LAN, 0.0, random.Random(4), memberships=joint({1, 2, 3, 4}, {1, 2, 3})
+    )
+    assert not node.eligible
+    assert node.view(0.0).waiting_for == "leaving (not in the new membership)"
+
+
+def test_reconfigure_keeps_a_leaders_lease_and_renews_under_the_new_rule() -> None:
+    h = settled(Harness())
+    leader = h.nodes[1]
+    lease = leader.lease_until()
+    assert lease is not None
+    members = [Member(i) for i in range(1, 6)]
+    leader.reconfigure(members, joint({1, 2, 3}, set(range(1, 6))), h.now)
+    assert leader.role_at(h.now) is Role.LEADER
+    assert leader.lease_until() == lease
+    # 4 and 5 never answer: 2 and 3 still make 3 of 5, so the lease is renewed.
+    for node in (2, 3):
+        h.nodes[node].reconfigure(members, joint({1, 2, 3}, set(range(1, 6))), h.now)
+    h.run(h.now + 2.0)
+    assert h.leaders() == [1]
+    assert [e for _, i, e in h.events if i == 1 and isinstance(e, LostLeadership)] == []
+
+
+def test_a_node_waiting_for_its_first_health_verdict_announces_starting() -> None:
+    """On the old main a node with a pending verdict was simply unhealthy, so a peer whose
+    service answered first won the cold start (and the IP moved twice)."""
+    members = [Member(1), Member(2), Member(3, eligible=False)]
+    node = Election(
+        1,
+        members,
+        LAN,
+        0.0,
+        random.Random(1),
+        healthy=False,
+        health_pending=True,
+        health_allowance=2.8,
+    )
+    ready = node.tick(0.0)
+    beats = [o.msg for o in ready.sends if isinstance(o.msg, Heartbeat)]
+    assert beats and all(b.starting for b in beats)
+    assert node.view(0.0).waiting_for == "starting: waiting for the first health verdict"
+    assert node.grace_until == pytest.approx(LAN.startup_grace + 2.8)
+    node.set_healthy(False, 1.0)  # the verdict is in, and it is "unhealthy"
+    assert not node.health_pending

@@ -15,6 +15,8 @@ generous allowance for two loopback round trips, against a default interval of 1
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -300,4 +302,59 @@ def test_manual_moves_are_repaired_within_one_reconcile_interval(
         edge_droplet(cluster, DROPLET[1])
     assert cluster.leaders() == [1]
     assert_assignments_made_by_leaders(cluster)
+    assert_token_hidden(cluster)
+
+
+# ---------------------------------------------------------------------- token rotation
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Replace a secret the way rotation tools do: a new file renamed over the old one."""
+    new = path.with_name(path.name + ".new")
+    new.write_text(text)
+    new.chmod(0o600)
+    os.replace(new, path)
+
+
+def test_a_rotated_token_file_is_used_within_seconds_and_the_error_clears(
+    make_cluster: MakeCluster,
+) -> None:
+    """Issue 12, items 4 and 5: the node starts with a token the API refuses (401), the
+    operator replaces the token file, and the IP moves with no restart, long before
+    `config_error_retry_interval` (60 s by default, as here) would have retried; then
+    `/status` no longer shows the 401. The wait bound (15 s) against those 60 s is the
+    mechanism under test; main never used the new token at all."""
+    cluster = make_cluster(size=2)  # node 2 is a witness: only node 1 can take the IP
+    settle_on_node_1(cluster)
+    good = cluster.token_path.read_text()
+    refused = "dop_v1_" + "0" * 64
+    replace_file(cluster.token_path, refused + "\n")  # the emulator still wants `good`
+    cluster.restart(1, signal.SIGTERM)
+    admin(cluster, "POST", "assign", {"droplet_id": None})  # now only node 1 can fix it
+
+    def last_error() -> Any:
+        body = cluster.status(1)
+        return None if body is None else body["floating_ip"]["last_error"]
+
+    deadline = time.monotonic() + 30.0
+    while (error := last_error()) is None or error["status"] != 401:
+        assert time.monotonic() < deadline, f"node 1 never met a 401: {error}"
+        time.sleep(0.1)
+    time.sleep(1.0)  # well inside the 60 s wait after the 401
+
+    rotated_at = time.monotonic()
+    replace_file(cluster.token_path, good)
+    moved = cluster.wait_for_holder(DROPLET[1], since=rotated_at, timeout=15.0)
+    print(f"\nIP on node 1 {moved['completed_monotonic'] - rotated_at:.2f} s after the rotation")
+    deadline = time.monotonic() + 5.0
+    while (error := last_error()) is not None:
+        assert time.monotonic() < deadline, f"a stale error stays in /status: {error}"
+        time.sleep(0.1)
+    assert cluster.events(1, "token_changed"), "the log should say the token was re-read"
+    assert cluster.events(1, "api_recovered"), "the log should say the API answers again"
+    # Waiting for a fix is not a retry loop: one refused read, not one a second.
+    counted = admin(cluster, "GET", "requests")["requests"]
+    assert sum(r["count"] for r in counted if r["status"] == 401) <= 2, counted
+    for member in cluster.members.values():
+        assert refused not in member.log_path.read_text(), "a token reached a log"
     assert_token_hidden(cluster)

@@ -12,8 +12,17 @@ addresses are looked up: a peer in this droplet's region is reached on its priva
 address, one in another region on its public address (VPCs are regional).
 
 Runs on the droplet's own python3 (standard library only), from a systemd timer, so that a
-replaced peer is picked up. Exit codes: 0 config unchanged, 10 config written (restart the
-sidecar), 75 not yet possible (token not placed, API unreachable, peers not created yet).
+replaced peer is picked up. Every outcome is one line on stderr (the journal). Exit codes:
+
+- 0 config unchanged, 10 config written (the caller sends the sidecar SIGHUP);
+- 75 waiting: the token is not placed yet, or the peers' droplets do not exist yet (normal
+  during the first minutes; the systemd unit counts it as success);
+- 77 the API refused the token (HTTP 401 or 403: wrong, revoked, or missing the
+  `droplet:read` scope), 69 the API is unavailable (unreachable, timeout, HTTP 429 or 5xx,
+  or any other status), 76 the API answered something that is not a droplet list. These
+  fail the unit, so that they are visible in `systemctl --failed`; the timer retries.
+
+FIP_SIDECAR_CLUSTER_FILE overrides /etc/fip-sidecar/cluster.json (for tests and rehearsals).
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import os
 import sys
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,12 +41,25 @@ from typing import Any
 CLUSTER_FILE = Path("/etc/fip-sidecar/cluster.json")
 EXIT_UNCHANGED = 0
 EXIT_CHANGED = 10
-EXIT_TEMPORARY = 75
+EXIT_UNAVAILABLE = 69  # sysexits EX_UNAVAILABLE
+EXIT_TEMPORARY = 75  # EX_TEMPFAIL
+EXIT_PROTOCOL = 76  # EX_PROTOCOL
+EXIT_TOKEN_REFUSED = 77  # EX_NOPERM
 SIDECAR_UID = 10001
+# How much of an error body to quote: enough for DigitalOcean's {"id":..., "message":...}.
+BODY_EXCERPT = 200
 
 
 class NotReady(Exception):
-    """The config cannot be written yet; the timer will try again."""
+    """The config cannot be written yet (token not placed, peers not created); retried."""
+
+
+class ApiError(Exception):
+    """The API call failed; `exit_code` says how (refused token, unavailable, bad answer)."""
+
+    def __init__(self, exit_code: int, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def toml_string(value: str) -> str:
@@ -114,17 +137,46 @@ def render_config(cluster: Mapping[str, Any], droplets: Sequence[Mapping[str, An
     return "\n".join(lines)
 
 
+def excerpt(body: bytes) -> str:
+    text = body[:BODY_EXCERPT].decode("utf-8", "replace")
+    return " ".join(text.split())
+
+
 def fetch_droplets(api_url: str, token: str, tag: str) -> list[dict[str, Any]]:
+    """The droplets carrying `tag`; raises ApiError naming the status code on any failure."""
+    url = f"{api_url}/v2/droplets?tag_name={urllib.parse.quote(tag)}&per_page=200"
     request = urllib.request.Request(
-        f"{api_url}/v2/droplets?tag_name={tag}&per_page=200",
-        headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
+        url, headers={"Authorization": f"Bearer {token}", "Accept": "application/json"}
     )
     try:
         with urllib.request.urlopen(request, timeout=20) as response:
-            body = json.load(response)
-    except (urllib.error.URLError, TimeoutError, ValueError) as exc:
-        raise NotReady(f"DigitalOcean API: {type(exc).__name__}") from None
-    return list(body.get("droplets", []))
+            raw = response.read()
+    except urllib.error.HTTPError as exc:
+        detail = f"HTTP {exc.code} from GET /v2/droplets: {excerpt(exc.read())}"
+        if exc.code in (401, 403):
+            raise ApiError(
+                EXIT_TOKEN_REFUSED,
+                f"DigitalOcean API refused the token ({detail}); check the token and its "
+                "droplet:read scope",
+            ) from None
+        raise ApiError(EXIT_UNAVAILABLE, f"DigitalOcean API failed: {detail}") from None
+    except (urllib.error.URLError, TimeoutError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ApiError(
+            EXIT_UNAVAILABLE, f"DigitalOcean API unreachable: {type(exc).__name__}: {reason}"
+        ) from None
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise ApiError(
+            EXIT_PROTOCOL, f"DigitalOcean API answered with something not JSON: {excerpt(raw)}"
+        ) from None
+    droplets = body.get("droplets") if isinstance(body, dict) else None
+    if not isinstance(droplets, list) or not all(isinstance(d, dict) for d in droplets):
+        raise ApiError(
+            EXIT_PROTOCOL, f"DigitalOcean API answer has no droplet list: {excerpt(raw)}"
+        )
+    return droplets
 
 
 def write_if_changed(path: Path, text: str) -> bool:
@@ -145,7 +197,8 @@ def write_if_changed(path: Path, text: str) -> bool:
 
 
 def main() -> int:
-    cluster = json.loads(CLUSTER_FILE.read_text())
+    cluster_file = Path(os.environ.get("FIP_SIDECAR_CLUSTER_FILE", CLUSTER_FILE))
+    cluster = json.loads(cluster_file.read_text())
     token_file = Path(cluster["token_file"])
     try:
         token = token_file.read_text().strip()
@@ -159,6 +212,9 @@ def main() -> int:
     except NotReady as exc:
         print(f"configure_sidecar: not ready: {exc}", file=sys.stderr)
         return EXIT_TEMPORARY
+    except ApiError as exc:
+        print(f"configure_sidecar: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     changed = write_if_changed(Path(cluster["config_file"]), text)
     print(f"configure_sidecar: config {'written' if changed else 'unchanged'}", file=sys.stderr)
     return EXIT_CHANGED if changed else EXIT_UNCHANGED
