@@ -116,7 +116,8 @@ a restarted peer and (briefly) its predecessor, or a genuine node and a duplicat
 receiving packets they accept."""
 
 _WINDOWS_PER_SENDER = 4
-"""Replay windows kept per sender (one per incarnation heard in the last two epochs)."""
+"""Replay windows kept per sender: one per incarnation accepted in the last two epochs. A
+fifth process within two epochs (a crash loop) waits until one of them has gone idle."""
 
 _U63 = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
 _WINDOW_MASK = (1 << REPLAY_WINDOW) - 1
@@ -323,16 +324,22 @@ class Codec:
         self._drops[reason] += 1
 
     def set_peers(self, peer_ids: Iterable[int]) -> None:
-        """Change who may send and receive (a live membership change); state of others kept."""
+        """Change who may send and receive (a live membership change); state of others kept.
+
+        Counters and replay windows of a removed peer are kept (an int and at most a few
+        windows per id ever configured): if it is added back, our counters to it must go on
+        where they were (its window still remembers our process, and would refuse counters
+        from 1 as replays), and its packets from before cannot be accepted a second time.
+        Only the challenges learned from it are forgotten; one round trip renews them.
+        """
         peers = frozenset(peer_ids)
         if self._node_id in peers:
             raise ValueError(f"peer_ids must not contain this node's own id {self._node_id}")
         self._peers = peers
-        self._counters = {p: self._counters.get(p, 0) for p in peers}
+        for peer in peers:
+            self._counters.setdefault(peer, 0)
         for gone in set(self._learned) - peers:
             del self._learned[gone]
-        for gone in set(self._windows) - peers:
-            del self._windows[gone]
 
     def set_membership(self, digests: tuple[int, ...], members: Iterable[tuple[int, bool]]) -> None:
         """Our membership digests (one, or two while a change is rolled out) and member list."""
@@ -446,7 +453,7 @@ class Codec:
             return DropReason.UNKNOWN_SENDER
         if env.receiver != self._node_id:
             return DropReason.WRONG_RECEIVER
-        self._learn(env.sender, env.incarnation, env.epoch)
+        self._learn(env.sender, env.incarnation, env.epoch, now)
         refusal = self._refusal(env, now)
         if refusal is not None:
             return Refused(
@@ -456,8 +463,12 @@ class Codec:
         window = windows.get(env.incarnation)
         if window is None:
             self._forget_idle_windows(windows, now)
-            window = windows[env.incarnation] = _Window()
-        if not window.check(env.counter):
+            if len(windows) < _WINDOWS_PER_SENDER:
+                window = windows[env.incarnation] = _Window()
+        # No room (a crash loop: every window accepted a packet in the last two epochs): a
+        # live window must not be evicted, or its packets could be accepted again; the new
+        # process is refused until one goes idle, at most two epochs.
+        if window is None or not window.check(env.counter):
             return Refused(
                 env.sender,
                 env.incarnation,
@@ -480,28 +491,37 @@ class Codec:
             return DropReason.CONFIG_MISMATCH
         return None
 
-    def _learn(self, peer: int, incarnation: int, epoch: int) -> None:
+    def _learn(self, peer: int, incarnation: int, epoch: int, now: float) -> None:
         """Remember `peer`'s newest challenge per incarnation, for the newest two incarnations.
 
         Learned even from packets we then refuse: after a restart or a partition that is the
-        only way both sides get back to packets the other accepts. A replayed old packet can
-        at worst add an old incarnation beside the live one, which is still echoed.
+        only way both sides get back to packets the other accepts. The incarnation whose
+        packets we accept now is never the one pushed out: replays of packets captured from
+        two earlier processes of the peer would otherwise evict the live one, and the peer
+        would refuse all of ours as stale. A replay can at worst occupy the second echo.
         """
         learned = self._learned.setdefault(peer, {})
         # Re-inserted on every packet, so the dict's order is "least recently heard first".
         learned[incarnation] = max(learned.pop(incarnation, epoch), epoch)
-        while len(learned) > MAX_ECHOES:
-            del learned[next(iter(learned))]
+        if len(learned) > MAX_ECHOES:
+            live = self._live_incarnation(peer, now)
+            del learned[next(i for i in learned if i != live)]
+
+    def _live_incarnation(self, peer: int, now: float) -> int | None:
+        """The incarnation of `peer` we accepted a packet from most recently, within two
+        epochs (None if there is none)."""
+        windows = self._windows.get(peer, {})
+        if not windows:
+            return None
+        newest = max(windows, key=lambda i: windows[i].last_accepted)
+        return newest if now - windows[newest].last_accepted <= 2 * self._epoch_length else None
 
     def _forget_idle_windows(self, windows: dict[int, _Window], now: float) -> None:
-        """Drop windows idle for over two epochs (all their packets are now stale), and keep
-        at most `_WINDOWS_PER_SENDER` (the least recently used go first)."""
+        """Drop windows idle for over two epochs: every packet they accepted echoes an epoch
+        that is no longer accepted, so none of them can come back. Never a live one."""
         horizon = 2 * self._epoch_length
         for key in [k for k, w in windows.items() if now - w.last_accepted > horizon]:
             del windows[key]
-        while len(windows) >= _WINDOWS_PER_SENDER:
-            oldest = min(windows, key=lambda k: windows[k].last_accepted)
-            del windows[oldest]
 
 
 def generate_cluster_key() -> str:

@@ -7,7 +7,11 @@ change nothing (no new term, no leader change, no released promise, no crash) an
 counted under the right `DropReason` in `/status` (`packets.dropped`) and `/metrics`.
 
 Real traffic is captured with an AF_PACKET socket inside a node's namespace (no tcpdump
-needed), so replays are byte-exact copies of packets the cluster really sent.
+needed), so replays are byte-exact copies of packets the cluster really sent, and forgeries
+can echo the live challenges they read off the wire (FIP2 envelopes are signed, not
+encrypted): the key is the only thing a forgery lacks. Replays are refused as `replay`
+while their echo is fresh and as `stale` after; a receiver that restarted refuses every
+packet captured before as `stale`.
 
 Accounting is exact where the kernel cannot lose anything, and "counted + dropped by the
 kernel ~= sent" under the flood: the node's own UDP counters (`/proc/<pid>/net/snmp`, read
@@ -27,6 +31,8 @@ from __future__ import annotations
 
 import base64
 import collections
+import hashlib
+import hmac
 import json
 import os
 import random
@@ -55,13 +61,14 @@ from chaos.cluster import (
 )
 from chaos.netns import Host, Lab
 
+from sidecar.localcluster import read_events
 from sidecar.messages import Ack, Heartbeat, Message, Resign, VoteRequest, VoteResponse
 from sidecar.protocol import (
     MAGIC,
     MAX_PACKET_SIZE,
     MIN_PACKET_SIZE,
+    PROTOCOL_VERSION,
     TAG_SIZE,
-    Codec,
     DropReason,
     Envelope,
     parse_cluster_key,
@@ -276,33 +283,54 @@ def capture(lab: Lab, host: Host, seconds: float) -> list[Captured]:
     return sniffer.stop()
 
 
-def expected_reason(envelope: Envelope, receiver: int) -> DropReason:
+#: A copy of a packet its receiver accepted is a `replay` while its echo of the receiver's
+#: challenge is fresh and `stale` after (two epochs, 2 s with `lan`): which one depends on
+#: when it arrives, so the two are counted together.
+REPLAY_OR_STALE = f"{DropReason.REPLAY}|{DropReason.STALE}"
+
+
+def expected_reason(envelope: Envelope, receiver: int) -> str:
     """What a byte-exact copy of a delivered packet must be dropped as at `receiver`."""
     if envelope.sender == receiver:
-        return DropReason.FROM_SELF
+        return str(DropReason.FROM_SELF)
     if envelope.receiver != receiver:
-        return DropReason.WRONG_RECEIVER
-    return DropReason.REPLAY
+        return str(DropReason.WRONG_RECEIVER)
+    return REPLAY_OR_STALE
+
+
+def count_of(counter: Mapping[str, int], key: str) -> int:
+    """What `counter` holds for `key`, a reason or reasons joined by `|`."""
+    return sum(counter.get(reason, 0) for reason in key.split("|"))
+
+
+def live_envelopes(captured: Iterable[Captured]) -> dict[int, Envelope]:
+    """The newest envelope each node sent: its incarnation, epoch and digests, as anyone on
+    the path can read them (the envelope is authenticated, not encrypted)."""
+    return {c.envelope.sender: c.envelope for c in captured}
 
 
 # ---------------------------------------------------------------------- forging
-def forged_packets(receiver: int, keys: Sequence[bytes], term_now: int) -> list[bytes]:
-    """Well-formed envelopes from every other member, signed with keys that are not the key.
+def forged_packets(
+    receiver: int, keys: Sequence[bytes], term_now: int, live: Mapping[int, Envelope]
+) -> list[bytes]:
+    """Well-formed envelopes from every other member, signed with keys that are not the key,
+    with every other field right: the receiver's live challenge echoed (read off the wire),
+    the sender's digests, and as incarnation the real process's (with a counter far ahead)
+    or a new one (lower, higher, random), as a restarted or second process would have.
 
     Each is a lie that would hurt if believed: a leading heartbeat and a vote request with
-    a huge term, resignations of the current and a huge term, a promised ack, a vote.
+    a huge term, resignations of the current and a huge term, a promised ack, a vote; and
+    a new incarnation that, believed, would replace the real process (FIP1 let the highest
+    incarnation lock the real one out).
     """
+    challenge = ((live[receiver].incarnation, live[receiver].epoch),)
     packets = []
     for key in keys:
         for sender in NODE_IDS:
             if sender == receiver:
                 continue
-            liar = Codec(
-                sender,
-                key,
-                [n for n in NODE_IDS if n != sender],
-                incarnation=time.time_ns() + 10**15,  # "newer" than the real process
-            )
+            real = live[sender]
+            incarnations = [real.incarnation, 0, 2**63 - 1, secrets.randbits(63)]
             lies: list[Message] = [
                 Heartbeat(
                     term=HUGE_TERM, seq=1, leader_id=sender, leading=True, eligible=True,
@@ -314,7 +342,22 @@ def forged_packets(receiver: int, keys: Sequence[bytes], term_now: int) -> list[
                 Ack(term=term_now, seq=1, promised=True),
                 VoteResponse(term=HUGE_TERM, seq=1, granted=True, reason=""),
             ]  # fmt: skip
-            packets += [liar.encode(lie, receiver, time.time()) for lie in lies]
+            for incarnation in incarnations:
+                for counter, lie in enumerate(lies, start=real.counter + 10_000):
+                    envelope = Envelope(
+                        version=PROTOCOL_VERSION,
+                        sender=sender,
+                        receiver=receiver,
+                        incarnation=incarnation,
+                        epoch=real.epoch,
+                        counter=counter,
+                        echo=challenge,
+                        digests=real.digests,
+                        sent_at=time.time(),
+                        msg=lie,
+                    )
+                    body = MAGIC + msgspec.msgpack.encode(envelope)
+                    packets.append(body + hmac.new(key, body, hashlib.sha256).digest())
     return packets
 
 
@@ -348,7 +391,7 @@ def malformed_packets(real: bytes, rng: random.Random) -> list[tuple[bytes, Drop
         (bytes(flipped_tag), DropReason.BAD_MAC),
         (MAGIC + rng.randbytes(100), DropReason.BAD_MAC),
         (MAGIC + rng.randbytes(MAX_PACKET_SIZE - len(MAGIC)), DropReason.BAD_MAC),
-        (b"FIP2" + real[len(MAGIC) :], DropReason.BAD_MAGIC),
+        (b"FIP1" + real[len(MAGIC) :], DropReason.BAD_MAGIC),  # the old protocol
         (noise(MIN_PACKET_SIZE), DropReason.BAD_MAGIC),
         (noise(200), DropReason.BAD_MAGIC),
         (noise(MAX_PACKET_SIZE), DropReason.BAD_MAGIC),
@@ -441,15 +484,18 @@ def assert_counted(
 ) -> None:
     """Every node counted exactly what it was sent, by reason, and nothing else.
 
-    Packets the kernel dropped before the process could read them (socket buffer full)
-    are the only excuse for counting fewer.
+    An expected key may join reasons with `|` (see `REPLAY_OR_STALE`): their sum is
+    compared. Packets the kernel dropped before the process could read them (socket buffer
+    full) are the only excuse for counting fewer.
     """
     got = after.drops_since(before)
     for node in after.drops:
         want = expected.get(node, collections.Counter())
         lost_in_kernel = after.kernel[node] - before.kernel[node]
-        for reason in set(want) | set(got[node]):
-            assert want[reason] - lost_in_kernel <= got[node][reason] <= want[reason], (
+        covered = {reason for key in want for reason in key.split("|")}
+        keys = set(want) | (set(got[node]) - covered)
+        for key in keys:
+            assert want[key] - lost_in_kernel <= count_of(got[node], key) <= want[key], (
                 f"node {node} counted {dict(got[node])}, expected {dict(want)} "
                 f"({lost_in_kernel} lost in its kernel)"
             )
@@ -472,6 +518,26 @@ def _send_paced(arena: Arena, plan: Iterable[tuple[int, bytes]]) -> None:
         arena.send(payload, node)
         if i % 20 == 19:
             time.sleep(0.01)
+
+
+def _all_alive(cluster: SecurityCluster) -> bool:
+    """Every node answers /status and counts every peer alive."""
+    for node in cluster.specs:
+        status = cluster.status(node)
+        if status is None or not all(peer["alive"] for peer in status["peers"]):
+            return False
+    return True
+
+
+def _process_events(cluster: SecurityCluster, since: float) -> list[dict[str, Any]]:
+    """Every `peer_restarted` and `duplicate_id` any node logged after `since`."""
+    return [
+        event
+        for node in cluster.specs
+        for event in read_events(cluster.processes[node].log_path)
+        if event.get("event") in ("peer_restarted", "duplicate_id")
+        and float(event.get("mono", 0.0)) > since
+    ]
 
 
 def _assert_nothing_changed(
@@ -576,12 +642,14 @@ def test_forged_packets_change_nothing_and_count_as_bad_mac(arena: Arena) -> Non
     cluster = arena.cluster
     assert cluster.wait_for_leader(1, ELECTION_WAIT)
     terms = cluster.terms()
+    live = live_envelopes(capture(cluster.lab, cluster.hosts[3], seconds=0.5))
+    assert set(live) == set(NODE_IDS), live
     since = time.monotonic()
     before = settled(cluster)
     plan = [
         (node, packet)
         for node in NODE_IDS
-        for packet in forged_packets(node, wrong_keys(arena.key), terms[node])
+        for packet in forged_packets(node, wrong_keys(arena.key), terms[node], live)
     ]
     rounds = 5
     _send_paced(arena, plan * rounds)
@@ -597,6 +665,9 @@ def test_forged_packets_change_nothing_and_count_as_bad_mac(arena: Arena) -> Non
     assert_counted(expected, before, after)
     _status_with_metrics_agree(cluster, 1, str(DropReason.BAD_MAC))
     _assert_nothing_changed(cluster, since=since, leader=1, terms=terms)
+    # A forged incarnation neither replaces the real process (a "restart") nor counts as a
+    # second one: each node still follows the same process of every peer.
+    assert _process_events(cluster, since) == [], "a forged incarnation was believed"
 
 
 # ---------------------------------------------------------------------- replays
@@ -616,14 +687,50 @@ def test_replayed_packets_are_dropped_at_the_same_and_other_receivers(arena: Are
         for node in NODE_IDS:  # its receiver, the other member and (as from_self) its sender
             for _ in range(2):  # a second replay of the same bytes is just as dead
                 plan.append((node, packet.payload))
-                expected[node][str(expected_reason(packet.envelope, node))] += 1
+                expected[node][expected_reason(packet.envelope, node)] += 1
     _send_paced(arena, plan)
     time.sleep(1.0)
     after = settled(cluster)
     print(f"\nreplayed {len(captured)} captured packets {dict(kinds)} as {len(plan)} sends;")
     print(f"  counted {after.drops_since(before)}")
     assert_counted(expected, before, after)
-    _status_with_metrics_agree(cluster, 1, str(DropReason.REPLAY))
+    _status_with_metrics_agree(cluster, 1, str(DropReason.STALE))
+    _assert_nothing_changed(cluster, since=since, leader=1, terms=terms)
+    assert _process_events(cluster, since) == []
+
+
+def test_packets_replayed_to_a_restarted_receiver_are_stale(arena: Arena) -> None:
+    """Capture what node 2 is sent, restart node 2, replay it all to the new process.
+
+    Every packet echoes the old process's challenge, so the new one refuses all of them as
+    `stale`, however fresh they are. (FIP1 judged freshness by the wall clock: a restarted
+    node started with an empty replay window and accepted each once within max_clock_skew.)
+    """
+    cluster = arena.cluster
+    assert cluster.wait_for_leader(1, ELECTION_WAIT)
+    captured = capture(cluster.lab, cluster.hosts[2], seconds=1.5)
+    to_2 = [c for c in captured if c.envelope.receiver == 2 and c.envelope.sender != 2]
+    kinds = collections.Counter(type(c.envelope.msg).__name__ for c in to_2)
+    assert {c.envelope.sender for c in to_2} == {1, 3} and kinds["Heartbeat"], kinds
+    old_incarnation = next(c.envelope.incarnation for c in captured if c.envelope.sender == 2)
+    cluster.kill(2)
+    cluster.restart(2)
+    assert wait_until(lambda: _all_alive(cluster), ELECTION_WAIT), "node 2 did not rejoin"
+    assert cluster.wait_for_leader(1, ELECTION_WAIT)
+    new = live_envelopes(capture(cluster.lab, cluster.hosts[2], seconds=0.3))
+    assert new[2].incarnation != old_incarnation
+    terms = cluster.terms()
+    since = time.monotonic()
+    before = settled(cluster)
+    rounds = 2
+    plan = [(2, c.payload) for _ in range(rounds) for c in to_2]
+    _send_paced(arena, plan)
+    time.sleep(1.0)
+    after = settled(cluster)
+    print(f"\nreplayed {len(to_2)} packets {dict(kinds)} x {rounds} to restarted node 2:")
+    print(f"  counted {after.drops_since(before)}")
+    expected = {2: collections.Counter({str(DropReason.STALE): len(plan)})}
+    assert_counted(expected, before, after)
     _assert_nothing_changed(cluster, since=since, leader=1, terms=terms)
 
 
@@ -653,7 +760,7 @@ def test_truncated_oversized_empty_and_random_packets_are_counted(arena: Arena) 
 # ---------------------------------------------------------------------- the flood
 @dataclass
 class FloodPlan:
-    entries: list[tuple[int, bytes, DropReason]]
+    entries: list[tuple[int, bytes, str]]
 
     def write(self, path: Path, cluster: SecurityCluster) -> None:
         rows = [
@@ -665,7 +772,7 @@ class FloodPlan:
     def expected(self, sent: Sequence[int]) -> dict[int, collections.Counter[str]]:
         counts: dict[int, collections.Counter[str]] = collections.defaultdict(collections.Counter)
         for (node, _, reason), n in zip(self.entries, sent, strict=True):
-            counts[node][str(reason)] += n
+            counts[node][reason] += n
         return counts
 
 
@@ -674,16 +781,19 @@ def flood_plan(
 ) -> FloodPlan:
     """The same mix for every target, interleaved: lies, replays, junk of every size."""
     rng = random.Random(11)
-    per_target: dict[int, list[tuple[int, bytes, DropReason]]] = {}
+    per_target: dict[int, list[tuple[int, bytes, str]]] = {}
+    live = live_envelopes(captured)
     for node in targets:
-        mix: list[tuple[int, bytes, DropReason]] = []
+        mix: list[tuple[int, bytes, str]] = []
         mix += [
-            (node, p, DropReason.BAD_MAC)
-            for p in forged_packets(node, wrong_keys(key), terms[node])
+            (node, p, str(DropReason.BAD_MAC))
+            for p in forged_packets(node, wrong_keys(key), terms[node], live)
         ]
         mix += [(node, c.payload, expected_reason(c.envelope, node)) for c in captured[:40]]
         mix += [
-            (node, p, r) for p, r in malformed_packets(captured[0].payload, rng) if len(p) <= 1400
+            (node, p, str(r))
+            for p, r in malformed_packets(captured[0].payload, rng)
+            if len(p) <= 1400
         ]
         rng.shuffle(mix)
         per_target[node] = mix
@@ -781,8 +891,8 @@ def test_flood_at_the_leader_and_a_follower_is_counted_and_survived(arena: Arena
             f"the kernel (counted {counted}, kernel {kernel})"
         )
         for reason, n in expected[node].items():
-            assert got[node][reason] <= n, (node, reason, got[node][reason], n)
-            assert n == 0 or got[node][reason] > 0, f"node {node} counted no {reason}"
+            assert count_of(got[node], reason) <= n, (node, reason, got[node], n)
+            assert n == 0 or count_of(got[node], reason) > 0, f"node {node} counted no {reason}"
     assert not got[3], f"the witness was not a target but counted {dict(got[3])}"
     # Safety holds whatever the flood did: never two leaders, the witness never leads.
     assert wait_until(lambda: len(cluster.leaders()) == 1, ELECTION_WAIT), "no sole leader after"
@@ -831,9 +941,11 @@ def test_replayed_resign_does_not_release_promises_to_a_live_leader(arena: Arena
         promises += [cluster.must_status(n)["promise_to"] for n in (2, 3)]
     time.sleep(1.0)
     after = settled(cluster)
+    # Made before node 1 recovered and waited out preempt_delay: more than two epochs ago,
+    # so its echo is no longer accepted (FIP1 refused it as a replay, by its counter).
     expected = {
         n: collections.Counter(
-            {str(DropReason.REPLAY): rounds * sum(1 for c in resigns if c.envelope.receiver == n)}
+            {str(DropReason.STALE): rounds * sum(1 for c in resigns if c.envelope.receiver == n)}
         )
         for n in (2, 3)
     }
