@@ -9,6 +9,7 @@ slowest in the repository; everything is deterministic per seed either way.
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 
@@ -16,12 +17,16 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from sidecar.election import Timing
+from sidecar.election import Member, Timing
 
 try:
     from tests.sim import run
+    from tests.sim.clock import NodeClock
+    from tests.sim.cluster import NodeConfig, Simulation
 except ImportError:  # pytest's default rootdir import mode puts tests/ itself on sys.path
     from sim import run  # type: ignore[no-redef]
+    from sim.clock import NodeClock  # type: ignore[no-redef]
+    from sim.cluster import NodeConfig, Simulation  # type: ignore[no-redef]
 
 CHUNK = 100
 #: (scenario, how many seeds) - 2,000 in all; chaos is where the faults are.
@@ -110,3 +115,37 @@ def test_any_accepted_timing_keeps_safety_in_short_chaos(
     assume(not timing.problems())
     outcome = run(seed, 3, seed % 2 == 0, "chaos", timing=timing)
     assert outcome.ok, f"{outcome.failures[0]} with {timing}"
+
+
+def test_phase_two_right_after_phase_one_keeps_one_leader() -> None:
+    """Shrinking {1..5} to {1,2,3} while {1,4,5} cannot reach {2,3} (membership explorer
+    seed 2279, minimised). Node 1 leads on {1,4,5}, a majority of the old membership only;
+    a live reload to the transition config keeps that lease. Phase 2 starts the moment every
+    node runs the transition config: node 2 reloads to {1,2,3} and node 3, which never
+    promised node 1, votes for it. Node 2 must not lead while node 1's lease runs."""
+    old, new = frozenset({1, 2, 3, 4, 5}), frozenset({1, 2, 3})
+    members = [Member(i) for i in sorted(old)]
+    timing = Timing(preempt_delay=1.0)
+    sim = Simulation(
+        members,
+        timing,
+        random.Random(1),
+        {i: NodeClock(0.0, 1.0) for i in old},
+        configs=dict.fromkeys(old, NodeConfig.of(members, old)),
+        track_incarnations=True,
+    )
+    for node_id in sorted(old):
+        sim.start(node_id)
+    sim.run_until(3.0)
+    assert sim.leader_now() == 1
+    sim.network.partition({1, 4, 5}, {2, 3})
+    sim.run_until(5.0)
+    assert sim.leader_now() == 1  # on 4 and 5: a majority of the old membership
+    for node_id, config in [
+        *((i, NodeConfig.of(members, old, new)) for i in (1, 2, 3, 4, 5)),
+        *((i, NodeConfig.of(members[:3], new)) for i in (2, 3, 1)),
+    ]:
+        sim.reconfigure(node_id, config)
+        sim.run_until(sim.now + 0.01)
+    sim.run_until(8.0)  # the invariants are checked after every call in between
+    assert sim.leader_now() == 2  # 1 cannot renew on {1,2,3}; 2 leads on {2,3}
