@@ -2,8 +2,11 @@
 
 Each seed runs one scenario on 3, 5 or 7 nodes (half of them with a witness) and fails
 with the invariant or recovery check that broke and a one-line command that replays it with
-its timeline. The seeds run in worker processes (one per core) because the suite is the
-slowest in the repository; everything is deterministic per seed either way.
+its timeline. The membership-change explorer (`tests/sim/membership.py`) runs 5,000
+rollouts (about 2.5 minutes on two cores) and prints what it covered, and its negative
+control must find two leaders when the transition config is skipped. The seeds run in
+worker processes (one per core) because the suite is the slowest in the repository;
+everything is deterministic per seed either way.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ try:
     from tests.sim import run
     from tests.sim.clock import NodeClock
     from tests.sim.cluster import NodeConfig, Simulation
+    from tests.sim.membership import CHANGES, Coverage, explore
 except ImportError:  # pytest's default rootdir import mode puts tests/ itself on sys.path
     from sim import run  # type: ignore[no-redef]
     from sim.clock import NodeClock  # type: ignore[no-redef]
     from sim.cluster import NodeConfig, Simulation  # type: ignore[no-redef]
+    from sim.membership import CHANGES, Coverage, explore  # type: ignore[no-redef]
 
 CHUNK = 100
 #: (scenario, how many seeds) - 2,000 in all; chaos is where the faults are.
@@ -72,6 +77,66 @@ def test_simulated_seeds_keep_every_invariant(
     cases = [case(scenario, seed) for seed in range(first_seed, first_seed + CHUNK)]
     failures = [f for f in pool.map(run_case, cases, chunksize=5) if f is not None]
     assert not failures, f"{len(failures)} of {len(cases)} seeds failed:\n" + "\n".join(failures)
+
+
+#: Membership-change rollouts (tests/sim/membership.py) run by CI, and how many seeds of the
+#: unsafe rollout may pass before the explorer must have found two leaders there.
+MEMBERSHIP_SEEDS = 5000
+UNSAFE_SEEDS = 200
+
+
+def explore_all(pool: ProcessPoolExecutor, seeds: int, unsafe: bool) -> tuple[Coverage, list[str]]:
+    coverage, failures = Coverage(), []
+    chunks = [range(first, min(first + CHUNK, seeds)) for first in range(0, seeds, CHUNK)]
+    for part, failed in pool.map(explore, chunks, [unsafe] * len(chunks)):
+        coverage.merge(part)
+        failures += failed
+    return coverage, failures
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_membership_changes_in_any_rollout_order_keep_one_leader(
+    pool: ProcessPoolExecutor, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The documented two-phase procedure, every change the README lists, thousands of
+    rollout orders under partitions, crashes, pauses and loss: never two leases at once,
+    every lease on a majority of each of its memberships, one leader of the new membership
+    after the rollout heals."""
+    coverage, failures = explore_all(pool, MEMBERSHIP_SEEDS, unsafe=False)
+    with capsys.disabled():
+        print("\nmembership explorer:\n  " + "\n  ".join(coverage.lines()))
+    assert not failures, f"{len(failures)} seeds failed:\n" + "\n".join(failures)
+    # The explorer really went where the argument is delicate.
+    assert set(coverage.changes) == set(CHANGES)
+    for what in (
+        "reloads while leading",
+        "restarts while leading",
+        "splits held through the rollout",
+        "crashes",
+        "pauses",
+        "one-way cuts",
+        "configs while down",
+    ):
+        assert coverage.counts[what] > MEMBERSHIP_SEEDS // 20, what
+    assert coverage.no_gap > MEMBERSHIP_SEEDS // 5
+    assert coverage.witnesses and coverage.dead_leaving
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_membership_explorer_finds_two_leaders_when_the_transition_is_skipped(
+    pool: ProcessPoolExecutor, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The negative control, and the documented unsafe case: old and new configs side by
+    side (each node straight from the old membership to the new one) let an old majority
+    and a new majority both elect. The same explorer must find it, or it could not fail."""
+    _, failures = explore_all(pool, UNSAFE_SEEDS, unsafe=True)
+    two = [f for f in failures if "TWO LEADERS" in f]
+    with capsys.disabled():
+        print(f"\nunsafe rollouts: two leaders in {len(two)} of {UNSAFE_SEEDS} seeds")
+        print("\n".join(two[:1]))
+    assert two, f"no two leaders in {UNSAFE_SEEDS} unsafe rollouts"
 
 
 def test_a_seed_replays_exactly() -> None:

@@ -14,7 +14,7 @@ import argparse
 import sys
 import time
 
-from .membership import Coverage, run_membership
+from .membership import explore, run_membership
 from .scenarios import SCENARIOS, percentiles, run
 
 
@@ -88,14 +88,9 @@ def membership(args: argparse.Namespace) -> int:
             print(f"FAIL: {failure}")
         print("ok" if outcome.ok else f"reproduce: {outcome.reproduce()}")
         return 0 if outcome.ok else 1
-    coverage = Coverage()
     started = time.perf_counter()
-    for seed in range(args.seed, args.seed + args.sweep):
-        outcome = run_membership(seed, unsafe=args.unsafe)
-        coverage.add(outcome)
-        if not outcome.ok:
-            print(f"{outcome.failures[0]}\n  reproduce: {outcome.reproduce()}")
-    print("\n".join(coverage.lines()))
+    coverage, failures = explore(range(args.seed, args.seed + args.sweep), unsafe=args.unsafe)
+    print("\n".join([*failures, *coverage.lines()]))
     print(f"{args.sweep} seeds in {time.perf_counter() - started:.1f}s")
     return 1 if coverage.failed else 0
 

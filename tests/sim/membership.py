@@ -415,6 +415,18 @@ class Coverage:
         self.dead_leaving += bool(change.dead)
         self.counts += outcome.counts
 
+    def merge(self, other: Coverage) -> None:
+        self.seeds += other.seeds
+        self.failed += other.failed
+        self.two_leaders += other.two_leaders
+        self.changes += other.changes
+        self.paces += other.paces
+        self.orders |= other.orders
+        self.no_gap += other.no_gap
+        self.witnesses += other.witnesses
+        self.dead_leaving += other.dead_leaving
+        self.counts += other.counts
+
     def lines(self) -> list[str]:
         counts = ", ".join(f"{v} {k}" for k, v in sorted(self.counts.items()))
         return [
@@ -428,3 +440,16 @@ class Coverage:
             f"results: {self.seeds - self.failed} ok, {self.failed} failed "
             f"({self.two_leaders} with two leaders)",
         ]
+
+
+def explore(seeds: range, unsafe: bool = False) -> tuple[Coverage, list[str]]:
+    """Run `seeds`; what they covered, and one line (with the command to replay it) per
+    failed seed. Picklable both ways, for a worker pool."""
+    coverage = Coverage()
+    failures = []
+    for seed in seeds:
+        outcome = run_membership(seed, unsafe=unsafe)
+        coverage.add(outcome)
+        if not outcome.ok:
+            failures.append(f"{outcome.failures[0]}\n    reproduce: {outcome.reproduce()}")
+    return coverage, failures
