@@ -38,8 +38,8 @@ from sidecar.election import Member, Timing, majority
 
 from .clock import draw_clock
 from .cluster import InvariantViolation, NodeConfig, Simulation
-from .network import CLEAN, LinkProfile
-from .scenarios import LAN, check_recovery, random_timing
+from .network import CLEAN
+from .scenarios import LAN, check_recovery, degrade_links, random_timing
 
 #: The changes the issue asks for; each seed draws one.
 CHANGES = ("add", "remove", "grow", "shrink", "replace")
@@ -315,19 +315,8 @@ class _Explorer:
             weights=(3, 2, 2, 3, 2, 3, 1),
         )[0]
         if kind == "links":
-            profile = LinkProfile(
-                loss=rng.uniform(0.0, 0.4),
-                duplicate=rng.uniform(0.0, 0.2),
-                delay_min=rng.uniform(0.0, 0.03),
-                delay_max=rng.uniform(0.03, 0.2),
-                straggler=rng.uniform(0.0, 0.05),
-                straggler_max=rng.uniform(0.0, 2.0),
-            )
-            links = [k for k in sim.network.links if rng.random() < 0.5]
-            for key in links:
-                sim.network.links[key] = replace(profile, blocked=sim.network.links[key].blocked)
+            degrade_links(sim, rng)
             counts["link changes"] += 1
-            sim.log(f"links {len(links)} set to {profile}")
         elif kind in ("partition", "split", "heal") and self.held:
             pass  # a held split stays as it is until the rollout is done
         elif kind == "partition":

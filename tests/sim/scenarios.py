@@ -273,6 +273,23 @@ def chaos(sim: Simulation, rng: random.Random, outcome: Outcome) -> None:
     outcome.failures += check_recovery(sim, healed_at=heal_at)
 
 
+def degrade_links(sim: Simulation, rng: random.Random) -> None:
+    """Give about half the links one random profile of loss, duplication and delay
+    (partitions in place stay)."""
+    profile = LinkProfile(
+        loss=rng.uniform(0.0, 0.5),
+        duplicate=rng.uniform(0.0, 0.3),
+        delay_min=rng.uniform(0.0, 0.05),
+        delay_max=rng.uniform(0.05, 0.3),
+        straggler=rng.uniform(0.0, 0.1),
+        straggler_max=rng.uniform(0.0, 3.0),
+    )
+    links = [k for k in sim.network.links if rng.random() < 0.5]
+    for key in links:
+        sim.network.links[key] = replace(profile, blocked=sim.network.links[key].blocked)
+    sim.log(f"links {len(links)} set to {profile}")
+
+
 def _random_fault(sim: Simulation, rng: random.Random, heal_at: float) -> None:
     ids = list(sim.nodes)
     leader = sim.leader_now()
@@ -289,18 +306,7 @@ def _random_fault(sim: Simulation, rng: random.Random, heal_at: float) -> None:
         weights=(3, 3, 2, 2, 3, 2, 2, 1),
     )[0]
     if kind == "links":
-        profile = LinkProfile(
-            loss=rng.uniform(0.0, 0.5),
-            duplicate=rng.uniform(0.0, 0.3),
-            delay_min=rng.uniform(0.0, 0.05),
-            delay_max=rng.uniform(0.05, 0.3),
-            straggler=rng.uniform(0.0, 0.1),
-            straggler_max=rng.uniform(0.0, 3.0),
-        )
-        links = [k for k in sim.network.links if rng.random() < 0.5]
-        for key in links:
-            sim.network.links[key] = replace(profile, blocked=sim.network.links[key].blocked)
-        sim.log(f"links {len(links)} set to {profile}")
+        degrade_links(sim, rng)
     elif kind == "partition":
         side_a = {i for i in ids if rng.random() < 0.5}
         if leader is not None and rng.random() < 0.5:
