@@ -62,10 +62,6 @@ class Change:
     def leaving(self) -> frozenset[int]:
         return self.old - self.new
 
-    @property
-    def joining(self) -> frozenset[int]:
-        return self.new - self.old
-
     def config(self, *memberships: frozenset[int]) -> NodeConfig:
         listed = frozenset().union(*memberships)
         return NodeConfig.of((m for m in self.members if m.id in listed), *memberships)
@@ -97,8 +93,6 @@ def draw_change(rng: random.Random) -> Change:
         new = (old - {rng.choice(sorted(old))}) | {4}
     everyone = sorted(old | new)
     witness = rng.choice(everyone) if rng.random() < 0.4 else None
-    if witness is not None and not (new - {witness}):  # pragma: no cover - never with these
-        witness = None
     members = tuple(Member(i, eligible=i != witness) for i in everyone)
     dead = frozenset(i for i in old - new if rng.random() < 0.4)
     return Change(kind, frozenset(old), frozenset(new), members, dead)
