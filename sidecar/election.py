@@ -32,6 +32,14 @@ apart by the codec. So while a change is rolled out, every lease rests on a majo
 old membership (first half of the roll-out) or of the new one (second half), and any two
 leases share a voter, who promises only one of them.
 
+The one lease that breaks that pattern is one won on the old membership alone and kept
+across its holder's reload to (old, new): it can run for up to one lease after that reload,
+so into the second half, where a majority of the new membership alone may elect. Hence a
+node whose live reload *drops* a membership (old, new) -> new does not stand for one
+lease_timeout (and gives up a round under way), as a restarted node does not: every lease
+resting on the new membership alone starts after every lease resting on the old one alone
+has ended, whatever the order and the pace of the roll-out.
+
 Liveness and priority: a node stands only when it is viable (eligible, healthy, sees a
 majority), holds no promise, sees no live viable lower id, and sees no live peer that
 follows a leader; voters apply the same priority test, so the lowest viable id wins.
@@ -257,6 +265,8 @@ class Election:
         self.elections = 0
         # No vote for one lease after start: this replaces a persisted vote.
         self.quiet_until = now + timing.lease_timeout
+        # No standing until then after a live reload dropped a membership (see the docstring).
+        self._reconfigured_until = float("-inf")
         # A node waiting for its first health verdict is given that long on top.
         self.grace_until = now + timing.startup_grace + (health_allowance if health_pending else 0)
         self._voted_term = -1
@@ -321,8 +331,13 @@ class Election:
         """A live membership change (reload). What we know of remaining peers is kept, and
         so is a lease already held: it rests on a majority of the membership it was won
         under, which is what the roll-out's safety argument needs. Renewals follow the new
-        memberships from here on."""
+        memberships from here on. Dropping a membership holds off standing for one lease."""
+        before = self.memberships
         self._configure(members, memberships)
+        if set(before) - set(self.memberships):
+            self._reconfigured_until = now + self.timing.lease_timeout
+            if self.role is Role.CANDIDATE:
+                self._abandon_round()  # its votes were counted under the dropped membership
         for gone in set(self._promised_at) - set(self.peers):
             del self._promised_at[gone]
         if self._follow is not None and self._follow not in self.peers:
@@ -448,6 +463,7 @@ class Election:
         if self.role is Role.CANDIDATE:
             candidates += [self._next_vote_send, self._round_until]
         candidates += [self._promise_until, self._follow_until, self.quiet_until, self.grace_until]
+        candidates.append(self._reconfigured_until)
         for peer in self.peers.values():
             if peer.last_heard is not None:
                 candidates.append(peer.last_heard + t.peer_timeout)
@@ -516,6 +532,8 @@ class Election:
             return f"following {leader}"
         if self.role is Role.CANDIDATE:
             return "standing for election"
+        if now < self._reconfigured_until:
+            return "membership changed: not standing for one lease"
         for peer in sorted(self.peers.values(), key=lambda p: p.id):
             if peer.id < self.node_id and peer.viable and peer.alive(now, t.peer_timeout):
                 return f"lower id {peer.id} is viable and should lead"
@@ -706,7 +724,7 @@ class Election:
 
     def _should_stand(self, now: float) -> bool:
         t = self.timing
-        if now < self.quiet_until or not self._viable(now):
+        if now < self.quiet_until or now < self._reconfigured_until or not self._viable(now):
             return False
         if now < self._promise_until:
             return False

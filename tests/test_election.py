@@ -723,3 +723,37 @@ def test_a_node_waiting_for_its_first_health_verdict_announces_starting() -> Non
     assert node.grace_until == pytest.approx(LAN.startup_grace + 2.8)
     node.set_healthy(False, 1.0)  # the verdict is in, and it is "unhealthy"
     assert not node.health_pending
+
+
+def test_a_reload_that_drops_a_membership_holds_off_standing_for_one_lease() -> None:
+    """Phase 2 of a change, (old, new) -> new, live: a lease won on the old membership alone
+    may still run for one lease (tests/test_simulation.py shows the two leaders without
+    this), so the node gives up its round and stands again only one lease later."""
+    members = [Member(i) for i in (1, 2, 3)]
+    old, new = frozenset({1, 2, 3}), frozenset({2, 3})
+    timing = replace(LAN, startup_grace=0.0)
+    node = Election(2, members, timing, 0.0, random.Random(0), memberships=(old, new))
+    node.step(3, heartbeat(), 0.95)
+    node.tick(1.0)
+    assert node.role is Role.CANDIDATE
+    node.reconfigure(members[1:], (new,), 1.0)
+    assert node.role is Role.FOLLOWER
+    assert node.view(1.0).waiting_for == "membership changed: not standing for one lease"
+    assert node.next_deadline(1.55) <= 1.0 + timing.lease_timeout
+    for now in (1.1, 1.2, 1.3, 1.4, 1.5):
+        node.step(3, heartbeat(seq=int(now * 10)), now)
+        assert node.role is Role.FOLLOWER
+    node.step(3, heartbeat(seq=16), 1.6)
+    assert node.role is Role.CANDIDATE
+
+
+def test_a_reload_that_adds_a_membership_stands_at_once() -> None:
+    """Phase 1, old -> (old, new), drops nothing: no hold-off (a reload must not slow an
+    election down needlessly)."""
+    members = [Member(i) for i in (1, 2, 3)]
+    old, new = frozenset({1, 2, 3}), frozenset({2, 3})
+    node = Election(2, members, replace(LAN, startup_grace=0.0), 0.0, random.Random(0))
+    node.step(3, heartbeat(), 0.95)
+    node.reconfigure(members, (old, new), 0.96)
+    node.tick(1.0)
+    assert node.role is Role.CANDIDATE

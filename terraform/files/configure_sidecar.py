@@ -6,7 +6,8 @@ dependency cycle (droplet 1 needs droplet 2's address and the other way round), 
 replaced droplet would force a new user_data, and so a replacement, on all the others.
 Instead Terraform writes the static part (`cluster.json`: node ids, eligibility, tags, the
 reserved IP, ports) and tags each droplet `<cluster_tag>-node-<id>`; this script asks the
-DigitalOcean API (`droplet:read` and `tag:read` scopes) for the tagged droplets and renders `config.toml`.
+DigitalOcean API (`droplet:read` and `tag:read` scopes) for the tagged droplets and renders
+`config.toml`.
 Membership stays static (the ids come from Terraform, never from droplet ids); only the
 addresses are looked up: a peer in this droplet's region is reached on its private (VPC)
 address, one in another region on its public address (VPCs are regional).
@@ -18,8 +19,8 @@ replaced peer is picked up. Every outcome is one line on stderr (the journal). E
 - 75 waiting: the token is not placed yet, or the peers' droplets do not exist yet (normal
   during the first minutes; the systemd unit counts it as success);
 - 77 the API refused the token (HTTP 401 or 403: wrong, revoked, or missing the
-  `droplet:read` or `tag:read` scope), 69 the API is unavailable (unreachable, timeout, HTTP 429 or 5xx,
-  or any other status), 76 the API answered something that is not a droplet list. These
+  `droplet:read` or `tag:read` scope), 69 the API is unavailable (unreachable, timeout,
+  HTTP 429 or 5xx, or any other status), 76 the API answered something that is not a droplet list. These
   fail the unit, so that they are visible in `systemctl --failed`; the timer retries.
 
 FIP_SIDECAR_CLUSTER_FILE overrides /etc/fip-sidecar/cluster.json (for tests and rehearsals).

@@ -4,6 +4,8 @@ measure failover and steady-state figures.
     python -m tests.sim --seed 1234 --nodes 5 --witness --scenario chaos -v
     python -m tests.sim --sweep 500 --scenario chaos
     python -m tests.sim --stats
+    python -m tests.sim --membership --sweep 2000      (membership changes, coverage)
+    python -m tests.sim --membership --seed 7 -v [--unsafe]
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import sys
 import time
 
+from .membership import explore, run_membership
 from .scenarios import SCENARIOS, percentiles, run
 
 
@@ -32,9 +35,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stats", action="store_true", help="failover and steady-state figures")
     parser.add_argument("--stats-seeds", type=int, default=1000)
     parser.add_argument("--steady-minutes", type=float, default=10.0)
+    parser.add_argument(
+        "--membership",
+        action="store_true",
+        help="explore rolling membership changes (tests/sim/membership.py); "
+        "--nodes, --witness and --scenario do not apply",
+    )
+    parser.add_argument(
+        "--unsafe",
+        action="store_true",
+        help="with --membership: skip the transition config (the documented unsafe case)",
+    )
     args = parser.parse_args(argv)
     if args.stats:
         return stats(args.stats_seeds, args.steady_minutes)
+    if args.membership:
+        return membership(args)
     if args.sweep:
         return sweep(args)
     outcome = run(
@@ -61,6 +77,22 @@ def sweep(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - started
     print(f"{args.sweep - failed}/{args.sweep} seeds ok in {elapsed:.1f}s")
     return 1 if failed else 0
+
+
+def membership(args: argparse.Namespace) -> int:
+    if not args.sweep:
+        outcome = run_membership(args.seed, unsafe=args.unsafe, trace_messages=args.verbose > 1)
+        if args.verbose or not outcome.ok:
+            print("\n".join(outcome.sim.timeline))
+        for failure in outcome.failures:
+            print(f"FAIL: {failure}")
+        print("ok" if outcome.ok else f"reproduce: {outcome.reproduce()}")
+        return 0 if outcome.ok else 1
+    started = time.perf_counter()
+    coverage, failures = explore(range(args.seed, args.seed + args.sweep), unsafe=args.unsafe)
+    print("\n".join([*failures, *coverage.lines()]))
+    print(f"{args.sweep} seeds in {time.perf_counter() - started:.1f}s")
+    return 1 if coverage.failed else 0
 
 
 def stats(seeds: int, steady_minutes: float) -> int:

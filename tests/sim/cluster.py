@@ -2,7 +2,14 @@
 
 True time is the simulator's; each node sees only its own clock (`clock.NodeClock`). A node
 is driven exactly as the Trio runtime drives it: `tick` at its `next_deadline()` (converted
-from local to true time) and `step` for every packet that reaches it. Everything random
+from local to true time) and `step` for every packet that reaches it.
+
+Each node has its own `NodeConfig` (the members it lists and its memberships), so a rolling
+membership change can be simulated (`membership.py`). As in the runtime, a node only talks to
+the members it lists, and a packet whose sender's memberships share none with the receiver's
+is refused (protocol.py's `config_mismatch`). With `track_incarnations`, each receiver also
+tells its core when a peer is a new process (`Election.peer_restarted`) and drops packets of
+a second process with the same id, as `peers.py` does. Everything random
 comes from the one `random.Random` passed in, so a seed replays the same run bit for bit.
 
 After every call into any node the invariants are checked, in true time:
@@ -13,8 +20,11 @@ After every call into any node the invariants are checked, in true time:
   nodes' recorded lease ends is exact, not sampled.
 * **a witness never leads**.
 * **the lease rests on a majority**: for every node holding a lease, a majority (itself
-  included) currently promises it at least until the lease's end, where a crashed node or one
-  in its start-up quiet period past that end counts as promising (it cannot vote for anyone).
+  included, where it is a member) of *each* membership the lease was won or last extended
+  under currently promises it at least until the lease's end, where a crashed (or not yet
+  started) node or one in its start-up quiet period past that end counts as promising (it
+  cannot vote for anyone). A lease kept across a live membership change rests on the
+  memberships it was extended under, which is what the core promises (`Election.reconfigure`).
 * **next_deadline** is always later than now and no later than the next heartbeat.
 """
 
@@ -24,7 +34,7 @@ import functools
 import heapq
 import itertools
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from sidecar.election import (
@@ -36,6 +46,7 @@ from sidecar.election import (
     Ready,
     Role,
     Timing,
+    majority,
 )
 from sidecar.messages import Message
 
@@ -50,18 +61,64 @@ class InvariantViolation(AssertionError):
     """An invariant failed; the message says which and when (true time)."""
 
 
+@dataclass(frozen=True)
+class NodeConfig:
+    """What one node's config file says about the cluster.
+
+    `members` are the nodes it lists (itself and its peers); `memberships` is one set of
+    ids, or (old, new) while a change is rolled out (`Election`'s `memberships`)."""
+
+    members: tuple[Member, ...]
+    memberships: tuple[frozenset[int], ...]
+
+    @classmethod
+    def of(cls, members: Iterable[Member], *memberships: Iterable[int]) -> NodeConfig:
+        listed = tuple(sorted(members, key=lambda m: m.id))
+        sets = tuple(frozenset(m) for m in memberships) or (frozenset(m.id for m in listed),)
+        return cls(listed, sets)
+
+    @functools.cached_property
+    def ids(self) -> frozenset[int]:
+        return frozenset(m.id for m in self.members)
+
+    @functools.cached_property  # every packet carries it: computed once per config
+    def digests(self) -> frozenset[frozenset[tuple[int, bool]]]:
+        """The memberships as protocol.py digests them: sets of (id, eligible)."""
+        eligible = {m.id: m.eligible for m in self.members}
+        return frozenset(frozenset((i, eligible[i]) for i in m) for m in self.memberships)
+
+    def describe(self) -> str:
+        return " -> ".join("{" + ",".join(map(str, sorted(m))) + "}" for m in self.memberships)
+
+
+@dataclass(frozen=True, slots=True)
+class Packet:
+    """One copy of a message in flight, with what its envelope says about the sender."""
+
+    src: int
+    msg: Message
+    incarnation: int
+    digests: frozenset[frozenset[tuple[int, bool]]]
+
+
 @dataclass(slots=True)
 class SimNode:
     id: int = field(init=False)
     member: Member
     clock: NodeClock
+    config: NodeConfig
     election: Election | None = None
     healthy: bool = True
     paused: bool = False
-    inbox: list[tuple[int, Message]] = field(default_factory=list)
+    inbox: list[Packet] = field(default_factory=list)
     timer_token: int = 0
     incarnation: int = 0
     started_at: float | None = None  # true time of the current incarnation's start
+    #: A reload requested while paused, as the number of packets that were waiting then:
+    #: on waking they are processed first (under the old config), then the reload.
+    reload_pending: int | None = None
+    #: Per peer: the incarnation heard last and when (local time), as peers.py keeps it.
+    heard: dict[int, tuple[int, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.id = self.member.id
@@ -87,19 +144,27 @@ class Simulation:
         rng: random.Random,
         clocks: dict[int, NodeClock],
         *,
+        configs: dict[int, NodeConfig] | None = None,
+        track_incarnations: bool = False,
         trace_messages: bool = False,
     ) -> None:
         self.members = members
         self.timing = timing
         self.rng = rng
         self.quorum = len(members) // 2 + 1
-        self.nodes = {m.id: SimNode(m, clocks[m.id]) for m in members}
+        everyone = NodeConfig.of(members)
+        self.nodes = {
+            m.id: SimNode(m, clocks[m.id], (configs or {}).get(m.id, everyone)) for m in members
+        }
+        self.track_incarnations = track_incarnations
         self.network = Network(rng, [m.id for m in members])
         self.now = 0.0
         self._queue: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
         #: Per node: the true time its current (or last) lease ends; -inf if never led.
         self.claim_end = {m.id: float("-inf") for m in members}
+        #: Per node: the memberships its lease was won or last extended under.
+        self.claim_basis: dict[int, tuple[frozenset[int], ...]] = {}
         self.leadership: list[LeadershipEvent] = []
         self.timeline: list[str] = []
         self.trace_messages = trace_messages
@@ -129,15 +194,48 @@ class Simulation:
             return
         node.incarnation += 1
         node.paused = False
+        node.reload_pending = None
         node.inbox.clear()
+        node.heard.clear()
         node.started_at = self.now
         local = node.clock.local(self.now)
         node_rng = random.Random(self.rng.getrandbits(64))
         node.election = Election(
-            node_id, self.members, self.timing, local, node_rng, healthy=node.healthy
+            node_id,
+            list(node.config.members),
+            self.timing,
+            local,
+            node_rng,
+            healthy=node.healthy,
+            memberships=node.config.memberships,
         )
-        self.log(f"n{node_id} start (incarnation {node.incarnation}, healthy={node.healthy})")
+        self.log(
+            f"n{node_id} start (incarnation {node.incarnation}, healthy={node.healthy}, "
+            f"memberships {node.config.describe()})"
+        )
         self._call(node, lambda e, now: e.tick(now))
+
+    def reconfigure(self, node_id: int, config: NodeConfig) -> None:
+        """Give a node a new config file: a live reload if it runs (on waking if paused),
+        otherwise the config it starts with next time."""
+        node = self.nodes[node_id]
+        node.config = config
+        if not node.up:
+            self.log(f"n{node_id} (down) config -> {config.describe()}")
+        elif node.paused:
+            if node.reload_pending is None:
+                node.reload_pending = len(node.inbox)
+            self.log(f"n{node_id} (paused) reload -> {config.describe()} when it wakes")
+        else:
+            self._reload(node)
+
+    def _reload(self, node: SimNode) -> None:
+        node.reload_pending = None
+        config = node.config
+        self.log(f"n{node.id} reload -> {config.describe()}")
+        self._call(
+            node, lambda e, now: e.reconfigure(list(config.members), config.memberships, now)
+        )
 
     def crash(self, node_id: int) -> None:
         node = self.nodes[node_id]
@@ -145,6 +243,7 @@ class Simulation:
             return
         node.election = None
         node.paused = False
+        node.reload_pending = None  # the config file is changed: it starts with it
         node.inbox.clear()
         node.timer_token += 1
         self.log(f"n{node_id} crash")
@@ -182,9 +281,13 @@ class Simulation:
         self.log(f"n{node_id} wake ({len(node.inbox)} packets waiting)")
         self._call(node, lambda e, now: e.tick(now))
         waiting, node.inbox = node.inbox, []
-        for sender, msg in waiting:
-            if node.up and not node.paused:
-                self._deliver_now(node, sender, msg)
+        for index, packet in enumerate([*waiting, None]):
+            if not node.up or node.paused:
+                break
+            if index == node.reload_pending:
+                self._reload(node)
+            if packet is not None:
+                self._deliver_now(node, packet)
 
     def set_healthy(self, node_id: int, healthy: bool) -> None:
         node = self.nodes[node_id]
@@ -207,18 +310,37 @@ class Simulation:
 
     # ------------------------------------------------------------------ driving the cores
 
-    def _deliver(self, dst: int, src: int, msg: Message) -> None:
+    def _deliver(self, dst: int, packet: Packet) -> None:
         node = self.nodes[dst]
         if not node.up:
             return
         if node.paused:
-            node.inbox.append((src, msg))
+            node.inbox.append(packet)
             return
-        self._deliver_now(node, src, msg)
+        self._deliver_now(node, packet)
 
-    def _deliver_now(self, node: SimNode, src: int, msg: Message) -> None:
+    def _deliver_now(self, node: SimNode, packet: Packet) -> None:
+        src, msg = packet.src, packet.msg
+        # What the codec refuses: senders it does not list, and other memberships.
+        if src not in node.config.ids or not packet.digests & node.config.digests:
+            if self.trace_messages:
+                self.log(f"n{node.id} refuses n{src} (not a member or config_mismatch)")
+            return
+        restarted = False
+        if self.track_incarnations:
+            local = node.clock.local(self.now)
+            seen = node.heard.get(src)
+            if seen is not None and seen[0] != packet.incarnation:
+                if local - seen[1] < self.timing.peer_timeout:
+                    return  # a second process with this id while the first still talks
+                restarted = True
+            node.heard[src] = (packet.incarnation, local)
         if self.trace_messages:
             self.log(f"n{node.id} <- n{src} {msg!r}")
+        if restarted:
+            self._call(node, lambda e, now: e.peer_restarted(src, now))
+            if not node.up:
+                return
         self._call(node, lambda e, now: e.step(src, msg, now))
 
     def _timer(self, node_id: int, token: int) -> None:
@@ -233,11 +355,11 @@ class Simulation:
         promise_before = election.promise_at(local)
         ready = fn(election, local)
         self.calls += 1
+        digests = node.config.digests
         for out in ready.sends:
+            packet = Packet(node.id, out.msg, node.incarnation, digests)
             for delay in self.network.delays(node.id, out.to):
-                self.at(
-                    self.now + delay, functools.partial(self._deliver, out.to, node.id, out.msg)
-                )
+                self.at(self.now + delay, functools.partial(self._deliver, out.to, packet))
         for event in ready.events:
             self._record(node, event)
         self._check_after_call(node, election, local, promise_before)
@@ -304,6 +426,8 @@ class Simulation:
                         f"t={self.now:.6f} TWO LEADERS: n{node.id} leads (lease to "
                         f"{end:.6f}) while n{other}'s lease runs to {other_end:.6f}"
                     )
+            if end > self.claim_end[node.id]:
+                self.claim_basis[node.id] = election.memberships
             self.claim_end[node.id] = max(self.claim_end[node.id], end)
         else:
             self.claim_end[node.id] = min(self.claim_end[node.id], self.now)
@@ -314,15 +438,19 @@ class Simulation:
         for leader, end in self.claim_end.items():
             if end <= self.now:
                 continue
-            backers = [leader]
-            for node in self.nodes.values():
-                if node.id != leader and self._backs(node, leader, end):
-                    backers.append(node.id)
-            if len(backers) < self.quorum:
-                raise InvariantViolation(
-                    f"t={self.now:.6f} n{leader}'s lease runs to {end:.6f} but only "
-                    f"{sorted(backers)} promise it that long (quorum {self.quorum})"
-                )
+            backers = {leader} | {
+                node.id
+                for node in self.nodes.values()
+                if node.id != leader and self._backs(node, leader, end)
+            }
+            everyone = frozenset(self.nodes)
+            for members in self.claim_basis.get(leader, (everyone,)):
+                if len(backers & members) < majority(members):
+                    raise InvariantViolation(
+                        f"t={self.now:.6f} n{leader}'s lease runs to {end:.6f} but only "
+                        f"{sorted(backers & members)} of membership {sorted(members)} promise "
+                        f"it that long (majority {majority(members)})"
+                    )
 
     def _backs(self, node: SimNode, leader: int, until: float) -> bool:
         """Does `node` promise `leader` (or is unable to vote at all) until `until`?"""

@@ -24,10 +24,10 @@ from __future__ import annotations
 import functools
 import random
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 
-from sidecar.election import Member, Timing
+from sidecar.election import Member, Timing, majority
 
 from .clock import draw_clock, rate_bounds
 from .cluster import InvariantViolation, Simulation
@@ -128,22 +128,35 @@ def start_all(sim: Simulation, rng: random.Random, spread: float = 0.3) -> None:
         sim.at(rng.uniform(0.0, spread), functools.partial(sim.start, node_id))
 
 
-def eligible_healthy_up(sim: Simulation) -> list[int]:
-    return sorted(n.id for n in sim.nodes.values() if n.up and n.member.eligible and n.healthy)
+def eligible_healthy_up(sim: Simulation, members: Collection[int] | None = None) -> list[int]:
+    return sorted(
+        n.id
+        for n in sim.nodes.values()
+        if n.up and n.member.eligible and n.healthy and (members is None or n.id in members)
+    )
 
 
 def check_recovery(
-    sim: Simulation, healed_at: float, *, settle: float = 2.0, preemption: bool = True
+    sim: Simulation,
+    healed_at: float,
+    *,
+    settle: float = 2.0,
+    preemption: bool = True,
+    members: Collection[int] | None = None,
 ) -> list[str]:
-    """Run past the bound plus `settle` seconds and check who leads and that it stayed put."""
+    """Run past the bound plus `settle` seconds and check who leads and that it stayed put.
+
+    `members` (default: every node) is the membership the cluster ends up with; nodes
+    outside it must be stopped by then."""
     bound = recovery_bound(sim.timing, preemption=preemption)
     sim.run_until(healed_at + bound + settle)
-    up = [n for n in sim.nodes.values() if n.up]
-    candidates = eligible_healthy_up(sim)
+    counted = set(sim.nodes) if members is None else set(members)
+    up = [n for n in sim.nodes.values() if n.up and n.id in counted]
+    candidates = eligible_healthy_up(sim, counted)
     leader = sim.leader_now()
     after = [e for e in sim.leadership if e.true_time > healed_at + bound]
     failures: list[str] = []
-    if len(up) >= sim.quorum and candidates:
+    if len(up) >= majority(frozenset(counted)) and candidates:
         if leader is None:
             failures.append(
                 f"no leader {bound + settle:.2f}s after healing (candidates {candidates})"
@@ -157,8 +170,8 @@ def check_recovery(
                 f"leadership still changing {after[0].true_time - healed_at:.3f}s after healing "
                 f"(bound {bound:.3f}s): n{after[0].node} {after[0].reason}"
             )
-    elif len(up) < sim.quorum and leader is not None:
-        failures.append(f"n{leader} leads with only {len(up)} of {len(sim.nodes)} nodes up")
+    elif len(up) < majority(frozenset(counted)) and leader is not None:
+        failures.append(f"n{leader} leads with only {len(up)} of {len(counted)} nodes up")
     elif after:
         # No healthy candidate: an unhealthy leader may stay (it resigns only for a viable
         # peer), but nothing may keep changing.
@@ -260,6 +273,23 @@ def chaos(sim: Simulation, rng: random.Random, outcome: Outcome) -> None:
     outcome.failures += check_recovery(sim, healed_at=heal_at)
 
 
+def degrade_links(sim: Simulation, rng: random.Random) -> None:
+    """Give about half the links one random profile of loss, duplication and delay
+    (partitions in place stay)."""
+    profile = LinkProfile(
+        loss=rng.uniform(0.0, 0.5),
+        duplicate=rng.uniform(0.0, 0.3),
+        delay_min=rng.uniform(0.0, 0.05),
+        delay_max=rng.uniform(0.05, 0.3),
+        straggler=rng.uniform(0.0, 0.1),
+        straggler_max=rng.uniform(0.0, 3.0),
+    )
+    links = [k for k in sim.network.links if rng.random() < 0.5]
+    for key in links:
+        sim.network.links[key] = replace(profile, blocked=sim.network.links[key].blocked)
+    sim.log(f"links {len(links)} set to {profile}")
+
+
 def _random_fault(sim: Simulation, rng: random.Random, heal_at: float) -> None:
     ids = list(sim.nodes)
     leader = sim.leader_now()
@@ -276,18 +306,7 @@ def _random_fault(sim: Simulation, rng: random.Random, heal_at: float) -> None:
         weights=(3, 3, 2, 2, 3, 2, 2, 1),
     )[0]
     if kind == "links":
-        profile = LinkProfile(
-            loss=rng.uniform(0.0, 0.5),
-            duplicate=rng.uniform(0.0, 0.3),
-            delay_min=rng.uniform(0.0, 0.05),
-            delay_max=rng.uniform(0.05, 0.3),
-            straggler=rng.uniform(0.0, 0.1),
-            straggler_max=rng.uniform(0.0, 3.0),
-        )
-        links = [k for k in sim.network.links if rng.random() < 0.5]
-        for key in links:
-            sim.network.links[key] = replace(profile, blocked=sim.network.links[key].blocked)
-        sim.log(f"links {len(links)} set to {profile}")
+        degrade_links(sim, rng)
     elif kind == "partition":
         side_a = {i for i in ids if rng.random() < 0.5}
         if leader is not None and rng.random() < 0.5:
