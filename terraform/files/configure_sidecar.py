@@ -20,8 +20,9 @@ replaced peer is picked up. Every outcome is one line on stderr (the journal). E
   during the first minutes; the systemd unit counts it as success);
 - 77 the API refused the token (HTTP 401 or 403: wrong, revoked, or missing the
   `droplet:read` or `tag:read` scope), 69 the API is unavailable (unreachable, timeout,
-  HTTP 429 or 5xx, or any other status), 76 the API answered something that is not a droplet list. These
-  fail the unit, so that they are visible in `systemctl --failed`; the timer retries.
+  HTTP 429 or 5xx, or any other status), 76 the API answered something that is not a
+  droplet list. These fail the unit, so that they are visible in `systemctl --failed`;
+  the timer retries.
 
 FIP_SIDECAR_CLUSTER_FILE overrides /etc/fip-sidecar/cluster.json (for tests and rehearsals).
 """
