@@ -130,6 +130,10 @@ def parse_address(text: str, family: str | None, where: str) -> IPAddress:
         address = ipaddress.ip_address(text.strip())
     except ValueError:
         raise GuestError(EXIT_USAGE, f"{where}: not an IP address: {text!r}") from None
+    scoped = isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None
+    special = address.is_link_local or address.is_loopback or address.is_multicast
+    if scoped or special or address.is_unspecified:
+        raise GuestError(EXIT_USAGE, f"{where}: {text!r} cannot be a reserved address")
     if family not in (None, "", f"ipv{address.version}"):
         raise GuestError(
             EXIT_USAGE, f"FIP_FAMILY is {family!r} but {where} {address} is ipv{address.version}"

@@ -34,6 +34,7 @@ class DefaultRoute:
     oif: int | None
     prefsrc: str | None
     priority: int | None
+    protocol: int  # who made it (boot, static, dhcp, ...): kept across a replace
 
 
 def _family(address: IPAddress) -> int:
@@ -113,6 +114,7 @@ class Netlink:
                     oif=entry.get_attr("RTA_OIF"),
                     prefsrc=entry.get_attr("RTA_PREFSRC"),
                     priority=entry.get_attr("RTA_PRIORITY"),
+                    protocol=entry["proto"],
                 )
             )
         return sorted(routes, key=lambda r: r.priority or 0)
@@ -124,7 +126,12 @@ class Netlink:
         and preferred source; the outgoing device is the one the kernel finds for the
         gateway (None: keep the route's own)."""
         dst = "::/0" if route.family == socket.AF_INET6 else "0.0.0.0/0"
-        spec: dict[str, Any] = {"dst": dst, "family": route.family, "table": MAIN_TABLE}
+        spec: dict[str, Any] = {
+            "dst": dst,
+            "family": route.family,
+            "table": MAIN_TABLE,
+            "proto": route.protocol,
+        }
         if route.priority is not None:
             spec["priority"] = route.priority
         if gateway is not None:
