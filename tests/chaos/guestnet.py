@@ -87,7 +87,7 @@ class GuestNet:
             [sys.executable, "-m", "http.server", "--bind", router.address,
              "--directory", str(self.metadata_dir), str(METADATA_PORT)],
         )  # fmt: skip
-        self._sinks = {
+        self._sinks: dict[int, socket.socket] = {
             socket.AF_INET: self._sink(socket.AF_INET, SINK_IPV4),
             socket.AF_INET6: self._sink(socket.AF_INET6, SINK_IPV6),
         }
