@@ -16,7 +16,7 @@ import argparse
 import ipaddress
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from sidecar.guest.errors import EXIT_NOPERM, EXIT_OK, EXIT_USAGE, GuestError
@@ -43,7 +43,7 @@ def _gateway(text: str) -> ipaddress.IPv4Address:
         raise argparse.ArgumentTypeError(f"not an IPv4 address: {text!r}") from None
 
 
-def _bounded(low: float, high: float) -> type[float]:
+def _bounded(low: float, high: float) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -53,7 +53,7 @@ def _bounded(low: float, high: float) -> type[float]:
             raise argparse.ArgumentTypeError(f"{value} is not between {low} and {high}")
         return value
 
-    return parse  # type: ignore[return-value]
+    return parse
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -122,9 +122,8 @@ class Netlink:
     def replace_default(
         self, route: DefaultRoute, *, gateway: str | None, prefsrc: str | None
     ) -> None:
-        """Replace `route` (same metric, so it is that route that changes) with a new gateway
-        and preferred source; the outgoing device is the one the kernel finds for the
-        gateway (None: keep the route's own)."""
+        """Replace `route` (same metric and protocol, so it is that route that changes) with
+        a new gateway (None: its own) and preferred source (None: none)."""
         dst = "::/0" if route.family == socket.AF_INET6 else "0.0.0.0/0"
         spec: dict[str, Any] = {
             "dst": dst,
@@ -134,14 +133,13 @@ class Netlink:
         }
         if route.priority is not None:
             spec["priority"] = route.priority
-        if gateway is not None:
-            spec["gateway"] = gateway
-            if route.family == socket.AF_INET6 and route.oif is not None:
-                spec["oif"] = route.oif  # a link-local gateway needs its device
-        elif route.oif is not None:
+        new_gateway = route.gateway if gateway is None else gateway
+        if new_gateway is not None:
+            spec["gateway"] = new_gateway
+        # The device stays when the gateway does, and always for IPv6 (a link-local gateway
+        # needs it); a new IPv4 gateway goes out of the device the kernel finds for it.
+        if route.oif is not None and (gateway is None or route.family == socket.AF_INET6):
             spec["oif"] = route.oif
-        if route.gateway is not None and gateway is None:
-            spec["gateway"] = route.gateway
         if prefsrc is not None:
             spec["prefsrc"] = prefsrc
         try:

@@ -52,8 +52,11 @@ def ipv6_of(host: Host) -> str:
 
 
 def _enable_ipv6(host: Host) -> None:
-    for key in ("all", "default", "lo", "eth0"):
-        for setting, value in (("disable_ipv6", 0), ("accept_ra", 0), ("accept_dad", 0)):
+    """IPv6 on, with no duplicate address detection and no router advertisements: turned off
+    before IPv6 comes up, so no address (link-local ones included) is ever tentative."""
+    settings = [("accept_dad", 0), ("dad_transmits", 0), ("accept_ra", 0), ("disable_ipv6", 0)]
+    for setting, value in settings:
+        for key in ("all", "default", "lo", "eth0"):
             run(
                 ["ip", "netns", "exec", host.ns, "sysctl", "-q", "-w",
                  f"net.ipv6.conf.{key}.{setting}={value}"]
@@ -92,6 +95,9 @@ class GuestNet:
             socket.AF_INET6: self._sink(socket.AF_INET6, SINK_IPV6),
         }
         self.wait_for_metadata()
+        for host in self.droplets:  # neighbours resolved both ways before any test probes
+            for family in (socket.AF_INET, socket.AF_INET6):
+                self._warm_up(host, family)
 
     @property
     def metadata_url(self) -> str:
@@ -140,6 +146,13 @@ class GuestNet:
             if data == nonce:
                 return str(peer[0])
         raise LabError(f"no probe from {host.name} reached the router")
+
+    def _warm_up(self, host: Host, family: int, attempts: int = 10) -> None:
+        for _ in range(attempts):
+            with contextlib.suppress(TimeoutError):
+                self.source_seen(host, family)
+                return
+        raise LabError(f"{host.name} cannot reach the router over {family!r}")
 
     def route_reserved_ipv6_to(self, host: Host, address: str = RESERVED_IPV6) -> None:
         """What DigitalOcean does on an assign: route the reserved IPv6 to that droplet."""
