@@ -17,7 +17,6 @@ from typing import Final, Literal
 
 from sidecar.guest.errors import EXIT_PROTOCOL, EXIT_UNAVAILABLE, GuestError
 
-DEFAULT_METADATA_URL: Final = "http://169.254.169.254"
 TIMEOUT: Final = 3.0
 GatewayKind = Literal["ipv4", "anchor_ipv4"]
 

@@ -24,8 +24,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from sidecar.guest.errors import EXIT_CONFIG, GuestError
-from sidecar.guest.metadata import DEFAULT_METADATA_URL, fetch_gateway
 from sidecar.guest.netlink import IPAddress, Netlink
+
+DEFAULT_METADATA_URL = "http://169.254.169.254"
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,8 @@ class GuestSettings:
 
 @dataclass
 class Gateways:
-    """The anchor and public IPv4 gateways, asked once (they never change on a droplet)."""
+    """The anchor and public IPv4 gateways, asked once (they never change on a droplet).
+    The metadata client is imported on first use: an IPv6 step never needs it."""
 
     settings: GuestSettings
     _cache: dict[str, ipaddress.IPv4Address] = field(default_factory=dict)
@@ -55,6 +57,8 @@ class Gateways:
         if self.settings.anchor_gateway is not None:
             return self.settings.anchor_gateway
         if "anchor" not in self._cache:
+            from sidecar.guest.metadata import fetch_gateway
+
             self._cache["anchor"] = fetch_gateway(self.settings.metadata_url, "anchor_ipv4")
         return self._cache["anchor"]
 
@@ -62,6 +66,8 @@ class Gateways:
         if self.settings.public_gateway is not None:
             return self.settings.public_gateway
         if "public" not in self._cache:
+            from sidecar.guest.metadata import fetch_gateway
+
             self._cache["public"] = fetch_gateway(self.settings.metadata_url, "ipv4")
         return self._cache["public"]
 
