@@ -402,47 +402,60 @@ def test_the_readme_sudo_rule_runs_the_hook_and_nothing_else(
 # --- real sidecars against the emulator: hooks, and the agent on their /status ---------------
 
 
-def address_events() -> bool:
-    """Whether this sidecar has per-address hook events (address_gained / address_lost)."""
-    return "on_address_gained" in HookSettings.__struct_fields__
+def address_lists() -> bool:
+    """Whether this sidecar lists several addresses (`[[addresses]]`, with `address_gained` /
+    `address_lost` hooks and `/status` `addresses`), so it can hold a reserved IPv6 too."""
+    from sidecar.config import FileSettings
+
+    return "addresses" in FileSettings.__struct_fields__ and (
+        "on_address_gained" in HookSettings.__struct_fields__
+    )
 
 
-class HookedCluster(SidecarCluster):
-    """A chaos cluster whose nodes run `hook_argv` on gaining and losing the address."""
+#: The families the real-sidecar tests drive: the reserved IPv6 too where the sidecar (and so
+#: its emulator) has several addresses; the assertions below are written per family.
+REAL_SIDECAR_FAMILIES = ("ipv4", "ipv6") if address_lists() else ("ipv4",)
+
+
+class GuestCluster(SidecarCluster):
+    """A chaos cluster holding one reserved address of each of REAL_SIDECAR_FAMILIES, whose
+    nodes run `hook_argv` (if any) on gaining and losing an address."""
 
     hook_argv: Sequence[str] = ()
 
+    def _start_emulator(self) -> None:
+        if "ipv6" in REAL_SIDECAR_FAMILIES:
+            self.api.extra_reserved_ips = [RESERVED_IPV6]
+        super()._start_emulator()
+
     def config_text(self, node: int) -> str:
-        argv = json.dumps(list(self.hook_argv))
-        gained, lost = (
-            ("on_address_gained", "on_address_lost")
-            if address_events()
-            else ("on_gained", "on_lost")
-        )
-        return super().config_text(node) + f"\n[hooks]\n{gained} = {argv}\n{lost} = {argv}\n"
+        text = super().config_text(node)
+        if "ipv6" in REAL_SIDECAR_FAMILIES:
+            droplet = self.specs[node].droplet_id
+            single = f'[floating_ip]\naddress = "{RESERVED_IPV4}"\ndroplet_id = {droplet}\n'
+            assert single in text, text
+            text = f"droplet_id = {droplet}\n" + text.replace(single, "")
+            for address in (RESERVED_IPV4, RESERVED_IPV6):
+                text += f'\n[[addresses]]\naddress = "{address}"\n'
+        if self.hook_argv:
+            events = ("address_gained", "address_lost") if address_lists() else ("gained", "lost")
+            argv = json.dumps(list(self.hook_argv))
+            text += "\n[hooks]\n" + "".join(f"on_{event} = {argv}\n" for event in events)
+        return text
 
 
 @contextlib.contextmanager
-def cluster_with_droplets(
-    lab: Lab, cluster_class: type[SidecarCluster] = SidecarCluster
-) -> Iterator[tuple[SidecarCluster, GuestNet]]:
+def cluster_with_droplets(lab: Lab, *, hooks: bool) -> Iterator[tuple[GuestCluster, GuestNet]]:
     """Three real sidecars (node 3 a witness) in droplet-shaped hosts; the emulator's host is
-    the router. Node 1 leads and holds the IP when this yields."""
-    cluster = cluster_class(lab)
+    the router. Node 1 leads and holds the IPv4 when this yields."""
+    cluster = GuestCluster(lab)
     with guest_net(lab, cluster.api_host, [cluster.hosts[1], cluster.hosts[2]]) as net:
-        if isinstance(cluster, HookedCluster):
+        if hooks:
             cluster.hook_argv = [str(fip_guest()), "hook", "--metadata-url", net.metadata_url]
         cluster.start()
         assert cluster.wait_for_leader(1, WAIT), "node 1 never became the only leader"
         assert wait_until(lambda: cluster.ip_holder() == 1001, WAIT), "the IP never reached 1001"
         yield cluster, net
-
-
-#: The families the real-sidecar tests drive. IPv6 joins once the sidecar lists several
-#: addresses (`[[addresses]]`) and the emulator holds a reserved IPv6: add "ipv6" here, give
-#: `HookedCluster.config_text` the `[[addresses]]` form with RESERVED_IPV6 and the emulator
-#: `--reserved-ip RESERVED_IPV6=...`; the assertions are written per family already.
-REAL_SIDECAR_FAMILIES = ("ipv4",)
 
 
 def holds(net: GuestNet, host: Host, family: str) -> bool:
@@ -471,7 +484,7 @@ def only_holder(net: GuestNet, holder: Host, other: Host) -> bool:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_hooks_of_real_sidecars_move_the_guest_state(lab: Lab) -> None:
-    with cluster_with_droplets(lab, HookedCluster) as (cluster, net):
+    with cluster_with_droplets(lab, hooks=True) as (cluster, net):
         n1, n2 = cluster.hosts[1], cluster.hosts[2]
         assert only_holder(net, n1, n2), cluster.processes[1].log_path.read_text()
         # A planned stop: node 1 resigns and runs its loss hook; node 2 gains.
@@ -492,7 +505,7 @@ def start_agent(lab: Lab, net: GuestNet, host: Host, status_url: str, name: str)
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_the_agent_follows_a_real_nodes_status_and_releases_when_it_dies(lab: Lab) -> None:
-    with cluster_with_droplets(lab) as (cluster, net):
+    with cluster_with_droplets(lab, hooks=False) as (cluster, net):
         n1, n2 = cluster.hosts[1], cluster.hosts[2]
         agents = {
             node: start_agent(lab, net, cluster.hosts[node],
