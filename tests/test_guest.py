@@ -12,7 +12,8 @@ a repeated or unneeded step or a refused input.
 Then the two ways to run them with an unprivileged sidecar: hooks through the README's sudo
 rule (the real sudo, as an unprivileged user), hooks of real sidecars against the
 emulator, and `fip-guest agent` following a real node's /status (and the `addresses`
-contract of /status, from a scripted server, for IPv6).
+contract of /status, from a scripted server). The real sidecars hold the reserved IPv6 as
+well as the IPv4 where they list several addresses (REAL_SIDECAR_FAMILIES).
 """
 
 from __future__ import annotations
