@@ -15,6 +15,14 @@ locals {
   sidecar_token_in_user_data = var.template_sidecar_token && nonsensitive(var.sidecar_do_token != "")
   token_precondition_message = "sidecar_do_token is empty: set it, or set template_sidecar_token = false and place /etc/fip-sidecar/do_token on each droplet yourself."
   configure_script           = file("${path.module}/files/configure_sidecar.py")
+  # The guest agent (fip-guest agent, from the sidecar image) runs on the eligible droplets
+  # when a guest step is enabled; its command line, as the systemd unit runs it.
+  run_guest_agent = var.enable_ipv6 || var.enable_anchor_route
+  guest_agent_args = join(" ", concat(
+    ["agent", "--status-url", "http://127.0.0.1:${var.status_port}"],
+    ["--interval", tostring(var.guest_agent_interval), "--ipv6-device", var.guest_ipv6_device],
+    var.enable_anchor_route ? [] : ["--no-ipv4-route"],
+  ))
 
   # Everything a node needs to write its own config, except the peers' addresses, which
   # configure_sidecar.py looks up by tag at boot (templating them here would make a cycle).
@@ -25,6 +33,7 @@ locals {
     status_listen = "127.0.0.1:${var.status_port}"
     profile       = var.timing_profile
     reserved_ip   = digitalocean_reserved_ip.service.ip_address
+    reserved_ipv6 = var.enable_ipv6 ? digitalocean_reserved_ipv6.service[0].ip : ""
     api_url       = "https://api.digitalocean.com"
     token_file    = "/etc/fip-sidecar/do_token"
     config_file   = "/etc/fip-sidecar/config.toml"
@@ -51,6 +60,17 @@ resource "digitalocean_reserved_ip" "service" {
     # The address is what clients and DNS point at; losing it is an outage that outlives
     # the stack. Remove this line deliberately (and first) to destroy it.
     prevent_destroy = true
+  }
+}
+
+# The reserved IPv6 (enable_ipv6), like the IPv4: a region only, never an assignment
+# (digitalocean_reserved_ipv6_assignment would move it back after every failover).
+resource "digitalocean_reserved_ipv6" "service" {
+  count       = var.enable_ipv6 ? 1 : 0
+  region_slug = var.primary_region
+
+  lifecycle {
+    prevent_destroy = true # as for the IPv4: clients and DNS point at it
   }
 }
 
@@ -92,6 +112,8 @@ resource "digitalocean_droplet" "eligible" {
     run_web            = true
     web_image          = var.web_image
     configure_script   = local.configure_script
+    run_guest_agent    = local.run_guest_agent
+    guest_agent_args   = local.guest_agent_args
   })
 
   lifecycle {
@@ -141,6 +163,8 @@ resource "digitalocean_droplet" "witness" {
     run_web            = false
     web_image          = var.web_image
     configure_script   = local.configure_script
+    run_guest_agent    = false # the witness never holds an address
+    guest_agent_args   = ""
   })
 
   lifecycle {
@@ -190,5 +214,6 @@ resource "digitalocean_project" "cluster" {
   resources = concat(
     digitalocean_droplet.eligible[*].urn,
     [digitalocean_droplet.witness.urn, digitalocean_reserved_ip.service.urn],
+    digitalocean_reserved_ipv6.service[*].urn,
   )
 }

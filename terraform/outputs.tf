@@ -3,6 +3,11 @@ output "reserved_ip" {
   value       = digitalocean_reserved_ip.service.ip_address
 }
 
+output "reserved_ipv6" {
+  description = "The reserved IPv6 clients use (enable_ipv6; null otherwise); the leader's droplet holds it."
+  value       = var.enable_ipv6 ? digitalocean_reserved_ipv6.service[0].ip : null
+}
+
 output "droplets" {
   description = "Each member by node id: name, region, role and addresses."
   value = merge(
@@ -12,6 +17,7 @@ output "droplets" {
       role         = "eligible"
       public_ipv4  = droplet.ipv4_address
       private_ipv4 = droplet.ipv4_address_private
+      public_ipv6  = droplet.ipv6_address
     } },
     { "3" = {
       name         = digitalocean_droplet.witness.name
@@ -19,6 +25,7 @@ output "droplets" {
       role         = "witness"
       public_ipv4  = digitalocean_droplet.witness.ipv4_address
       private_ipv4 = digitalocean_droplet.witness.ipv4_address_private
+      public_ipv6  = digitalocean_droplet.witness.ipv6_address
     } },
   )
 }

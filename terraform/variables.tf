@@ -210,3 +210,50 @@ variable "alert_slack_webhook_url" {
   sensitive   = true
   default     = ""
 }
+
+variable "enable_ipv6" {
+  description = <<-EOT
+    Also create a reserved IPv6 in primary_region (never assigned by Terraform: the sidecars
+    move it with the reserved IPv4), list both in the sidecars' config, and run the guest
+    agent (fip-guest.service, CAP_NET_ADMIN only) on the eligible droplets: it puts the
+    reserved IPv6 on the holder as a /128 and makes it the source of outbound IPv6. The
+    droplets always have IPv6 enabled. The sidecar token needs no new scope (reserved_ip:read
+    and reserved_ip:update cover IPv6; actions:read comes with reserved_ip:update). Changes
+    user_data: roll existing droplets (README, Rolling changes).
+  EOT
+  type        = bool
+  default     = false
+}
+
+variable "enable_anchor_route" {
+  description = <<-EOT
+    Run the guest agent's IPv4 step on the eligible droplets: the holder of the reserved IPv4
+    routes outbound IPv4 through its anchor gateway, so connections the service opens leave
+    from the reserved IPv4, and every other droplet through its public gateway. Inbound traffic
+    needs no such step. Changes user_data like enable_ipv6.
+  EOT
+  type        = bool
+  default     = false
+}
+
+variable "guest_agent_interval" {
+  description = "Seconds between the guest agent's reads of the sidecar's /status (with enable_ipv6 or enable_anchor_route)."
+  type        = number
+  default     = 1
+
+  validation {
+    condition     = var.guest_agent_interval >= 0.2 && var.guest_agent_interval <= 60
+    error_message = "guest_agent_interval must be between 0.2 and 60 seconds."
+  }
+}
+
+variable "guest_ipv6_device" {
+  description = "Network device the holder puts the reserved IPv6 on as a /128 (with enable_ipv6)."
+  type        = string
+  default     = "lo"
+
+  validation {
+    condition     = can(regex("^[A-Za-z0-9_.-]{1,15}$", var.guest_ipv6_device))
+    error_message = "guest_ipv6_device must be a network device name: 1 to 15 letters, digits, '.', '_' or '-'."
+  }
+}

@@ -95,3 +95,29 @@ def test_the_variables_validations_run_while_rendering(tmp_path: Path) -> None:
         render_user_data(tmp_path, {**VARIABLES, "cluster_key": "short"}, KNOWN)
     with pytest.raises(RenderError, match="rehearsal_known_after_apply"):
         render_user_data(tmp_path / "again", VARIABLES, {})
+
+
+@needs_terraform
+def test_enable_ipv6_renders_the_address_and_the_guest_agent_on_the_eligible_pair(
+    tmp_path: Path,
+) -> None:
+    known = {**KNOWN, "digitalocean_reserved_ipv6.service[0].ip": "2001:db8:f::10"}
+    variables = {**VARIABLES, "enable_ipv6": True, "guest_agent_interval": 0.5}
+    rendered = render_user_data(tmp_path, variables, known)
+    for user_data in rendered:
+        assert len(user_data.text.encode()) < USER_DATA_LIMIT
+        cluster = json.loads(user_data.files["/etc/fip-sidecar/cluster.json"]["content"])
+        assert cluster["reserved_ipv6"] == "2001:db8:f::10"
+        unit = user_data.files.get("/etc/systemd/system/fip-guest.service")
+        if user_data.node_id == 3:
+            assert unit is None
+            continue
+        assert unit is not None
+        assert "--entrypoint fip-guest registry.example.com/fip-sidecar:1 agent" in unit["content"]
+        assert "--interval 0.5 --ipv6-device lo --no-ipv4-route" in unit["content"]
+    # Off (the default), the IPv6 lookup is never needed: no unit, an empty address.
+    (first, *_) = render_user_data(tmp_path / "off", VARIABLES, KNOWN)
+    assert "/etc/systemd/system/fip-guest.service" not in first.files
+    assert (
+        json.loads(first.files["/etc/fip-sidecar/cluster.json"]["content"])["reserved_ipv6"] == ""
+    )

@@ -353,6 +353,11 @@ BROKEN = [
         id="unknown-resource-type",
     ),
     pytest.param(
+        'resource "digitalocean_reserved_ipv6" "x" {\n  region = "nyc3"\n}\n',
+        'An argument named "region" is not expected here.',
+        id="reserved-ipv6-takes-region_slug",
+    ),
+    pytest.param(
         'resource "digitalocean_uptime_check" "x" {\n  name = "x"\n  target = "http://x"\n'
         '  type = "tcp"\n}\n',
         "expected type to be one of",
@@ -476,6 +481,18 @@ FAILURES = [
         "alert_emails: every entry must be an e-mail address.",
         None,
         id="alert_emails",
+    ),
+    pytest.param(
+        {"guest_agent_interval": 0.1},
+        "guest_agent_interval must be between 0.2 and 60 seconds.",
+        None,
+        id="guest_agent_interval",
+    ),
+    pytest.param(
+        {"guest_ipv6_device": "lo; reboot"},
+        "guest_ipv6_device must be a network device name",
+        None,
+        id="guest_ipv6_device",
     ),
     pytest.param(
         {"sidecar_do_token": ""},
@@ -811,10 +828,182 @@ def test_cloud_init_schema_rejects_a_broken_config(cloud_init: list[str], tmp_pa
     assert "runcmd: 3 is not of type 'array'" in result.stdout + result.stderr
 
 
+# --- the reserved IPv6 and the guest agent (enable_ipv6, enable_anchor_route) -------------------
+
+IPV6 = {**BASE_VARIABLES, "enable_ipv6": True}
+ANCHOR_ROUTE = {**BASE_VARIABLES, "enable_anchor_route": True}
+GUEST_UNIT = "/etc/systemd/system/fip-guest.service"
+
+
+def schema_block(kind: str, name: str) -> dict[str, Any]:
+    committed = json.loads(tfprovider.SCHEMA_FILE.read_text())
+    block: dict[str, Any] = committed["provider_schemas"][tfprovider.PROVIDER_SOURCE][kind][name]
+    return block["block"]
+
+
+def test_the_stand_in_schema_has_reserved_ipv6_and_droplet_ipv6() -> None:
+    """What the plans below rest on: the resource and the droplet attributes are served."""
+    ipv6 = schema_block("resource_schemas", "digitalocean_reserved_ipv6")["attributes"]
+    assert ipv6["region_slug"].get("required") is True
+    assert ipv6["ip"].get("computed") is True and ipv6["urn"].get("computed") is True
+    assert ipv6["droplet_id"].get("optional") is True  # settable, so the HCL must not set it
+    droplet = schema_block("resource_schemas", "digitalocean_droplet")["attributes"]
+    assert droplet["ipv6"]["type"] == "bool" and droplet["ipv6"].get("optional") is True
+    assert droplet["ipv6_address"].get("computed") is True
+
+
+def test_reserved_ipv6_has_a_region_no_droplet_and_cannot_be_destroyed(
+    parsed: dict[str, list[Any]],
+) -> None:
+    (ipv6,) = resources(parsed, "digitalocean_reserved_ipv6").values()
+    assert single(ipv6["count"]) == "${var.enable_ipv6 ? 1 : 0}"
+    assert single(ipv6["region_slug"]) == "${var.primary_region}"
+    assert "droplet_id" not in ipv6
+    assert single(ipv6["lifecycle"])["prevent_destroy"] == [True]
+    assert resources(parsed, "digitalocean_reserved_ipv6_assignment") == {}
+    for droplet in resources(parsed, "digitalocean_droplet").values():
+        assert single(droplet["ipv6"]) is True
+
+
+@pytest.mark.parametrize("enabled", [False, True], ids=["ipv6-off", "ipv6-on"])
+def test_plan_with_ipv6_off_and_on(workspace: tfprovider.Workspace, enabled: bool) -> None:
+    outcome, plan = workspace.plan({**BASE_VARIABLES, "enable_ipv6": enabled})
+    assert outcome.returncode == 0, outcome.messages()
+    changes = actions(plan)
+    ipv6 = [a for a in changes if a.startswith("digitalocean_reserved_ipv6")]
+    assert ipv6 == (["digitalocean_reserved_ipv6.service[0]"] if enabled else [])
+    assert not any("assignment" in address for address in changes)
+    values = planned(plan)
+    for address in DROPLETS:
+        assert values[address]["ipv6"] is True
+    if enabled:
+        assert values["digitalocean_reserved_ipv6.service[0]"]["region_slug"] == "nyc3"
+        expressions = configured(plan, "digitalocean_reserved_ipv6.service")["expressions"]
+        assert set(expressions) == {"region_slug"}
+        assert plan["planned_values"]["outputs"]["reserved_ipv6"].get("value") is None
+
+
+@pytest.fixture(scope="module")
+def applied_ipv6(
+    tmp_path_factory: pytest.TempPathFactory, stand_in: tfprovider.StandIn
+) -> dict[str, Any]:
+    return new_workspace(tmp_path_factory.mktemp("ipv6"), stand_in).apply(IPV6)
+
+
+@pytest.fixture(scope="module")
+def applied_anchor_route(
+    tmp_path_factory: pytest.TempPathFactory, stand_in: tfprovider.StandIn
+) -> dict[str, Any]:
+    return new_workspace(tmp_path_factory.mktemp("anchor"), stand_in).apply(ANCHOR_ROUTE)
+
+
+def test_ipv6_outputs_and_project(applied_ipv6: dict[str, Any], applied: dict[str, Any]) -> None:
+    resources = tfprovider.state_resources(applied_ipv6)
+    reserved = resources["digitalocean_reserved_ipv6.service[0]"]
+    outputs = applied_ipv6["values"]["outputs"]
+    assert outputs["reserved_ipv6"]["value"] == reserved["ip"]
+    for node, address in zip("123", DROPLETS, strict=True):
+        assert (
+            outputs["droplets"]["value"][node]["public_ipv6"] == resources[address]["ipv6_address"]
+        )
+    assert reserved["urn"] in resources["digitalocean_project.cluster"]["resources"]
+    assert "reserved_ipv6" not in applied["values"]["outputs"] or (
+        applied["values"]["outputs"]["reserved_ipv6"].get("value") is None
+    )
+
+
+def guest_unit(document: Mapping[str, Any]) -> str | None:
+    entry = files_of(document).get(GUEST_UNIT)
+    return None if entry is None else str(entry["content"])
+
+
+def agent_command(unit: str) -> list[str]:
+    (line,) = re.findall(r"^ExecStart=(.*)$", unit, re.M)
+    words = line.split()
+    return words[words.index("--entrypoint") :]
+
+
+@pytest.mark.parametrize("node_id", [1, 2, 3])
+def test_user_data_runs_the_guest_agent_only_when_enabled(
+    user_data: dict[tuple[int, bool], str],
+    applied_ipv6: dict[str, Any],
+    applied_anchor_route: dict[str, Any],
+    node_id: int,
+) -> None:
+    off = yaml.safe_load(user_data[(node_id, True)])
+    assert guest_unit(off) is None and "fip-guest" not in user_data[(node_id, True)]
+    assert (
+        json.loads(files_of(off)["/etc/fip-sidecar/cluster.json"]["content"])["reserved_ipv6"] == ""
+    )
+    ip6 = tfprovider.state_resources(applied_ipv6)["digitalocean_reserved_ipv6.service[0]"]["ip"]
+    for state, route in ((applied_ipv6, False), (applied_anchor_route, True)):
+        text = tfprovider.user_data_by_node(state)[node_id]
+        assert len(text.encode()) < USER_DATA_LIMIT
+        document = yaml.safe_load(text)
+        cluster = json.loads(files_of(document)["/etc/fip-sidecar/cluster.json"]["content"])
+        assert cluster["reserved_ipv6"] == ("" if route else ip6)
+        unit = guest_unit(document)
+        runcmd = [" ".join(map(str, command)) for command in document["runcmd"]]
+        if node_id == 3:  # the witness never holds an address
+            assert unit is None and "fip-guest" not in text
+            continue
+        assert unit is not None
+        assert "systemctl enable --now --no-block fip-guest.service" in runcmd
+        (run,) = re.findall(r"^ExecStart=(.*)$", unit, re.M)
+        for flag in ("--network host", "--cap-drop ALL", "--cap-add NET_ADMIN", "--read-only",
+                     "--security-opt no-new-privileges", "--user 0:0"):  # fmt: skip
+            assert flag in run, flag
+        assert "--privileged" not in run and "--cap-add ALL" not in run
+        assert "Restart=always" in unit and "StartLimitIntervalSec=0" in unit
+        command = agent_command(unit)
+        assert command[:4] == [
+            "--entrypoint",
+            "fip-guest",
+            BASE_VARIABLES["sidecar_image"],
+            "agent",
+        ]
+        assert command[4:] == [
+            "--status-url", "http://127.0.0.1:9401", "--interval", "1", "--ipv6-device", "lo",
+            *([] if route else ["--no-ipv4-route"]),
+        ]  # fmt: skip
+    # The sidecar's own container keeps no capability.
+    apply = files_of(off)["/usr/local/sbin/fip-sidecar-apply"]["content"]
+    assert "--cap-drop ALL" in apply and "--cap-add" not in apply
+
+
+def test_the_agents_command_line_is_one_fip_guest_accepts(applied_ipv6: dict[str, Any]) -> None:
+    unit = guest_unit(yaml.safe_load(tfprovider.user_data_by_node(applied_ipv6)[1]))
+    assert unit is not None
+    arguments = agent_command(unit)[3:]
+    result = subprocess.run(
+        [str(VENV_BIN / "fip-guest"), *arguments, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    from sidecar.guest.cli import _parser
+
+    parsed_args = _parser().parse_args(arguments)
+    assert parsed_args.command == "agent" and parsed_args.no_ipv4_route is True
+
+
+@pytest.mark.parametrize("node_id", [1, 3])
+def test_user_data_with_the_guest_agent_passes_cloud_init_schema(
+    applied_ipv6: dict[str, Any], cloud_init: list[str], tmp_path: Path, node_id: int
+) -> None:
+    path = tmp_path / "user-data.yaml"
+    path.write_text(tfprovider.user_data_by_node(applied_ipv6)[node_id])
+    result = cloud_init_schema(cloud_init, path)
+    assert result.returncode == 0 and "Valid cloud-config" in result.stdout, (
+        result.stdout + result.stderr
+    )
+
+
 # --- sample cluster settings (configure_sidecar.py's input) ------------------------------------
 
 
-def cluster_settings(node_id: int, health_url: str) -> dict[str, Any]:
+def cluster_settings(node_id: int, health_url: str, reserved_ipv6: str = "") -> dict[str, Any]:
     """What main.tf's local.cluster_settings plus the per-node keys render to."""
     return {
         "cluster_tag": "fip-production-cluster",
@@ -823,6 +1012,7 @@ def cluster_settings(node_id: int, health_url: str) -> dict[str, Any]:
         "status_listen": "127.0.0.1:9401",
         "profile": "lan",
         "reserved_ip": "203.0.113.10",
+        "reserved_ipv6": reserved_ipv6,
         "api_url": "https://api.digitalocean.com",
         "token_file": "/etc/fip-sidecar/do_token",
         "config_file": "/etc/fip-sidecar/config.toml",
@@ -901,10 +1091,30 @@ def test_missing_or_duplicated_members_are_not_ready(configure: ModuleType) -> N
         configure.render_config(settings, [*API_DROPLETS, API_DROPLETS[1]])
 
 
+def test_with_a_reserved_ipv6_both_addresses_are_listed(configure: ModuleType) -> None:
+    settings = cluster_settings(1, "http://127.0.0.1:80/", reserved_ipv6="2001:db8:f::10")
+    config = tomllib.loads(configure.render_config(settings, API_DROPLETS))
+    assert "floating_ip" not in config
+    assert config["addresses"] == [{"address": "203.0.113.10"}, {"address": "2001:db8:f::10"}]
+    # Without it, the config keeps today's one [floating_ip] (no rewrite, no SIGHUP).
+    alone = tomllib.loads(configure.render_config(cluster_settings(1, ""), API_DROPLETS))
+    assert alone["floating_ip"] == {"address": "203.0.113.10"} and "addresses" not in alone
+
+
+def sidecar_reads_address_lists() -> bool:
+    """Whether the installed sidecar reads `[[addresses]]` (several addresses per cluster)."""
+    from sidecar.config import FileSettings
+
+    return "addresses" in FileSettings.__struct_fields__
+
+
 def rendered_configs(configure: ModuleType) -> Iterator[tuple[int, str]]:
+    ipv6 = ["", "2001:db8:f::10"] if sidecar_reads_address_lists() else [""]
     for node_id in (1, 2, 3):
         health = "" if node_id == 3 else "http://127.0.0.1:80/"
-        yield node_id, configure.render_config(cluster_settings(node_id, health), API_DROPLETS)
+        for reserved_ipv6 in ipv6:
+            settings = cluster_settings(node_id, health, reserved_ipv6)
+            yield node_id, configure.render_config(settings, API_DROPLETS)
 
 
 def test_rendered_configs_pass_fip_sidecar_check_config(

@@ -5,9 +5,9 @@ config names every other member's address, so templating them into user_data mak
 dependency cycle (droplet 1 needs droplet 2's address and the other way round), and any
 replaced droplet would force a new user_data, and so a replacement, on all the others.
 Instead Terraform writes the static part (`cluster.json`: node ids, eligibility, tags, the
-reserved IP, ports) and tags each droplet `<cluster_tag>-node-<id>`; this script asks the
-DigitalOcean API (`droplet:read` and `tag:read` scopes) for the tagged droplets and renders
-`config.toml`.
+reserved IP and, with enable_ipv6, the reserved IPv6, ports) and tags each droplet
+`<cluster_tag>-node-<id>`; this script asks the DigitalOcean API (`droplet:read` and
+`tag:read` scopes) for the tagged droplets and renders `config.toml`.
 Membership stays static (the ids come from Terraform, never from droplet ids); only the
 addresses are looked up: a peer in this droplet's region is reached on its private (VPC)
 address, one in another region on its public address (VPCs are regional).
@@ -126,10 +126,8 @@ def render_config(cluster: Mapping[str, Any], droplets: Sequence[Mapping[str, An
             f"eligible = {'true' if eligible else 'false'}",
             "",
         ]
+    lines += address_lines(cluster)
     lines += [
-        "[floating_ip]",
-        f"address = {toml_string(cluster['reserved_ip'])}",
-        "",
         "[digitalocean]",
         'token_file = "/etc/fip-sidecar/do_token"',
         "",
@@ -137,6 +135,21 @@ def render_config(cluster: Mapping[str, Any], droplets: Sequence[Mapping[str, An
     if cluster.get("health_url"):
         lines += ["[health]", f"http = {toml_string(cluster['health_url'])}", ""]
     return "\n".join(lines)
+
+
+def address_lines(cluster: Mapping[str, Any]) -> list[str]:
+    """The reserved addresses the leader holds: one `[floating_ip]` for the IPv4 alone (the
+    form every sidecar version reads, so a deployment without IPv6 keeps its config byte for
+    byte), `[[addresses]]` for the IPv4 and the reserved IPv6 (enable_ipv6)."""
+    addresses = [cluster["reserved_ip"]]
+    if cluster.get("reserved_ipv6"):
+        addresses.append(cluster["reserved_ipv6"])
+    if len(addresses) == 1:
+        return ["[floating_ip]", f"address = {toml_string(addresses[0])}", ""]
+    lines = []
+    for address in addresses:
+        lines += ["[[addresses]]", f"address = {toml_string(address)}", ""]
+    return lines
 
 
 def excerpt(body: bytes) -> str:

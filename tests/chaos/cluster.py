@@ -71,6 +71,8 @@ class EmulatorHost:
         self.token = token
         self.token_path = lab.workdir / "do_token"
         self.process: Process | None = None
+        #: More reserved addresses (e.g. an IPv6, for an emulator that has them), in REGION.
+        self.extra_reserved_ips: list[str] = []
 
     @property
     def url(self) -> str:
@@ -89,6 +91,8 @@ class EmulatorHost:
         ]  # fmt: skip
         for droplet, region in droplets.items():
             argv += ["--droplet", f"{droplet}={region}"]
+        for address in self.extra_reserved_ips:
+            argv += ["--reserved-ip", f"{address}={REGION}"]
         self.process = self.lab.spawn(self.host, "emulator", argv)
         if wait_until(self.state, START_TIMEOUT) is None:
             raise LabError(f"the emulator did not answer within {START_TIMEOUT}s")
