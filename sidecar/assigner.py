@@ -37,20 +37,21 @@ from typing import NoReturn, Protocol, TypeVar
 import msgspec
 import trio
 
-from sidecar.digitalocean import (
-    Action,
+from sidecar.providers.base import (
+    Busy,
+    CredentialError,
+    Holding,
     NotFound,
+    Operation,
+    Provider,
     ProviderError,
     RateLimited,
-    ReservedIP,
-    TokenError,
-    Unauthorized,
-    Unprocessable,
+    Rejected,
 )
 
 logger = logging.getLogger(__name__)
 
-_Result = TypeVar("_Result", ReservedIP, Action)
+_Result = TypeVar("_Result", Holding, Operation)
 
 # How long to wait when the leadership view hands back a scope that was already used.
 _STALE_SCOPE_RETRY_DELAY = 0.1
@@ -79,18 +80,6 @@ class LeadershipView(Protocol):
         ...
 
 
-class ReservedIPProvider(Protocol):
-    """The provider calls the assigner uses; `DigitalOceanClient` implements them."""
-
-    async def get_reserved_ip(self, ip: str) -> ReservedIP: ...
-
-    async def assign(self, ip: str, droplet_id: int) -> Action: ...
-
-    async def get_ip_action(self, ip: str, action_id: int, *, fallback: bool = True) -> Action: ...
-
-    async def get_action(self, action_id: int) -> Action: ...
-
-
 class RefreshableToken(Protocol):
     """The token source the client sends (`digitalocean.TokenSource` implements it)."""
 
@@ -102,7 +91,8 @@ class RefreshableToken(Protocol):
         ...
 
     def refresh(self) -> bool:
-        """Re-read the token; True when it changed. Raises TokenError, keeping the old one."""
+        """Re-read the token; True when it changed. Raises CredentialError, keeping the old
+        one."""
         ...
 
 
@@ -303,6 +293,38 @@ class AssignerSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     requests_last_hour: int
 
 
+class _Hooks:
+    """The assigner's side of each provider request: the budget before, the observer after.
+
+    `prepaid`: the first request's budget was already taken (the assign, whose budget is
+    taken before the last-moment leadership check, so nothing awaits between that check
+    and the request leaving).
+    """
+
+    def __init__(
+        self,
+        budget: RequestBudget,
+        observer: AssignerObserver | None,
+        *,
+        urgent: bool,
+        prepaid: bool = False,
+    ) -> None:
+        self._budget = budget
+        self._observer = observer
+        self._urgent = urgent
+        self._prepaid = prepaid
+
+    async def before(self) -> None:
+        if self._prepaid:
+            self._prepaid = False
+            return
+        await self._budget.acquire(urgent=self._urgent)
+
+    def after(self, endpoint: str, status: str) -> None:
+        if self._observer is not None:
+            self._observer.api_request(endpoint, status)
+
+
 class Assigner:
     """Points `reserved_ip` at `droplet_id` while `leadership` says this node leads.
 
@@ -314,7 +336,7 @@ class Assigner:
 
     def __init__(
         self,
-        client: ReservedIPProvider,
+        provider: Provider,
         reserved_ip: str,
         droplet_id: int,
         leadership: LeadershipView,
@@ -328,7 +350,7 @@ class Assigner:
     ) -> None:
         if droplet_id <= 0:
             raise ValueError("droplet_id must be a positive integer")
-        self._client = client
+        self._provider = provider
         self._ip = reserved_ip
         self._droplet_id = droplet_id
         self._leadership = leadership
@@ -345,7 +367,7 @@ class Assigner:
         self._log_fields = {"reserved_ip": reserved_ip, "droplet_id": droplet_id}
         # State for /status.
         self._leading = False
-        self._holder: ReservedIP | None = None
+        self._holder: Holding | None = None
         self._holder_read_at: float | None = None
         self._last_assignment: AssignmentRecord | None = None
         self._last_error: ErrorRecord | None = None
@@ -456,9 +478,10 @@ class Assigner:
             else:
                 last_assign_started = attempt_started
 
-    async def _read_holder(self, *, urgent: bool) -> ReservedIP:
-        await self._budget.acquire(urgent=urgent)
-        holder = await self._request("get_reserved_ip", self._client.get_reserved_ip(self._ip))
+    async def _read_holder(self, *, urgent: bool) -> Holding:
+        holder = await self._request(
+            self._provider.read(self._ip, _Hooks(self._budget, self._observer, urgent=urgent))
+        )
         self._holder = holder
         self._holder_read_at = self._wall_clock()
         return holder
@@ -472,7 +495,11 @@ class Assigner:
         try:
             try:
                 action = await self._request(
-                    "assign", self._client.assign(self._ip, self._droplet_id)
+                    self._provider.assign(
+                        self._ip,
+                        self._droplet_id,
+                        _Hooks(self._budget, self._observer, urgent=True, prepaid=True),
+                    )
                 )
             except ProviderError:
                 outcome = "failed"
@@ -497,7 +524,7 @@ class Assigner:
             extra={**self._log_fields, "outcome": outcome, "duration_seconds": duration},
         )
 
-    async def _follow(self, action: Action) -> str:
+    async def _follow(self, action: Operation) -> str:
         """Poll the action until it ends, it vanishes (404) or `action_timeout` passes.
 
         Returns `completed`, `errored`, `timeout`, or `unknown` (vanished, or ended with a
@@ -507,7 +534,11 @@ class Assigner:
             while not action.done:
                 await trio.sleep(self._settings.action_poll_interval)
                 try:
-                    action = await self._poll_action(action.id)
+                    action = await self._request(
+                        self._provider.follow(
+                            self._ip, action, _Hooks(self._budget, self._observer, urgent=False)
+                        )
+                    )
                 except NotFound:
                     # Some actions are not (yet) visible by id; the IP itself is the truth.
                     return "unknown"
@@ -524,26 +555,12 @@ class Assigner:
             return action.status
         return "timeout"
 
-    async def _poll_action(self, action_id: int) -> Action:
-        await self._budget.acquire()
-        try:
-            return await self._request(
-                "get_ip_action", self._client.get_ip_action(self._ip, action_id, fallback=False)
-            )
-        except NotFound:
-            await self._budget.acquire()
-            return await self._request("get_action", self._client.get_action(action_id))
-
     # ------------------------------------------------------------------ helpers
 
-    async def _request(self, endpoint: str, call: Awaitable[_Result]) -> _Result:
-        """Await one provider call, telling the observer its status, and count failures."""
-        try:
-            result = await call
-        except ProviderError as exc:
-            if self._observer is not None:
-                self._observer.api_request(endpoint, exc.status_label)
-            raise
+    async def _request(self, call: Awaitable[_Result]) -> _Result:
+        """Await one provider call (its requests reach the observer through `_Hooks`) and
+        count failures."""
+        result = await call
         if self._last_error is not None:
             logger.info(
                 "DigitalOcean API answering again; last error cleared",
@@ -555,14 +572,12 @@ class Assigner:
             )
             self._last_error = None
         self._failures = 0
-        if self._observer is not None:
-            self._observer.api_request(endpoint, str(result.http_status))
         return result
 
     async def _back_off(self, exc: ProviderError) -> None:
         """Wait as long as `exc` calls for; a config error's wait ends once a fix is likely."""
         delay = self._delay_after(exc)
-        if isinstance(exc, Unauthorized | NotFound):
+        if isinstance(exc, Rejected | NotFound):
             await self._wait_for_fix(delay)
         else:
             await trio.sleep(delay)
@@ -606,7 +621,7 @@ class Assigner:
             return False
         try:
             changed = self._tokens.refresh()
-        except TokenError as exc:
+        except CredentialError as exc:
             if str(exc) != self._token_problem:
                 self._token_problem = str(exc)
                 logger.error(
@@ -621,25 +636,25 @@ class Assigner:
         """Record the error, log it, and say how long to wait before trying again."""
         self._failures += 1
         self._last_error = ErrorRecord(
-            type=type(exc).__name__, message=str(exc), status=exc.status, at=self._wall_clock()
+            type=exc.origin, message=str(exc), status=exc.status, at=self._wall_clock()
         )
         fields = {
             **self._log_fields,
-            "error_type": type(exc).__name__,
+            "error_type": exc.origin,
             "status": exc.status_label,
             "reason": str(exc),
             "consecutive_failures": self._failures,
         }
         settings = self._settings
-        if isinstance(exc, Unauthorized | NotFound):
-            if isinstance(exc, Unauthorized) and self._refresh_token():
+        if isinstance(exc, Rejected | NotFound):
+            if isinstance(exc, Rejected) and self._refresh_token():
                 logger.warning(
                     "DigitalOcean API: token rejected; token_file holds a new token, "
                     "retrying with it",
                     extra=fields,
                 )
                 return 0.0
-            what = "token rejected" if isinstance(exc, Unauthorized) else "not found"
+            what = "token rejected" if isinstance(exc, Rejected) else "not found"
             logger.error(
                 f"DigitalOcean API: {what}; check the token, reserved IP and droplet id "
                 f"(retrying in {settings.config_error_retry_interval:g} s, or as soon as "
@@ -647,7 +662,7 @@ class Assigner:
                 extra=fields,
             )
             return settings.config_error_retry_interval
-        if isinstance(exc, Unprocessable):
+        if isinstance(exc, Busy):
             logger.warning("DigitalOcean API: 422, an action is in progress; waiting", extra=fields)
             return self._unprocessable_delay()
         if isinstance(exc, RateLimited) and exc.retry_after is not None:

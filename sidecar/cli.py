@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import trio
 
 from sidecar import __version__, config, files, localcluster, logs, service
-from sidecar.digitalocean import TOKEN_ENV_VAR, TokenError, TokenSource
 from sidecar.protocol import generate_cluster_key
+from sidecar.providers.digitalocean import TOKEN_ENV_VAR, TokenError, TokenSource
 
 log = logging.getLogger("sidecar")
 

@@ -28,11 +28,11 @@ from typing import Any, Literal
 import msgspec
 
 from sidecar.assigner import AssignerSettings
-from sidecar.digitalocean import DigitalOceanSettings
 from sidecar.election import Member, Timing
 from sidecar.health import HealthSettings
 from sidecar.hooks import HookSettings
 from sidecar.protocol import membership_digest, parse_cluster_key
+from sidecar.providers.digitalocean import DigitalOceanSettings
 
 ENV_PREFIX = "FIP_SIDECAR_"
 

@@ -19,12 +19,18 @@ import trio
 from sidecar import files
 from sidecar.assigner import Assigner
 from sidecar.config import Address, Config, ConfigError
-from sidecar.digitalocean import DigitalOceanClient, ProviderError, TokenError, TokenSource
 from sidecar.election import Event, GainedLeadership, LeaderChanged, LostLeadership
 from sidecar.health import HealthChecker
 from sidecar.hooks import HookRunner
 from sidecar.metrics import Metrics
 from sidecar.node import EventListener, Node
+from sidecar.providers.digitalocean import (
+    DigitalOceanClient,
+    DigitalOceanProvider,
+    ProviderError,
+    TokenError,
+    TokenSource,
+)
 from sidecar.reload import plan as reload_plan
 from sidecar.status import StatusApp, serve_status
 from sidecar.transport import bind_problem
@@ -235,7 +241,7 @@ async def _run_assigner(
     async with DigitalOceanClient(config.digitalocean, tokens) as client:
         droplet_id = await _droplet_id(config, client)
         assigner = Assigner(
-            client,
+            DigitalOceanProvider(client),
             config.floating_ip.address,
             droplet_id,
             node,

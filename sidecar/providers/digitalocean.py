@@ -38,13 +38,16 @@ import os
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Generator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping
 from typing import Annotated, Any, Final, Literal, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
 import msgspec
 import trio
+
+from sidecar.providers import base
+from sidecar.providers.base import NO_RESPONSE
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +62,6 @@ answered `done` for `completed`, and a client that refused that would poll a fin
 action until it gave up."""
 # Any other non-empty word is accepted as "no longer running"; the caller reads the IP.
 _StatusWire = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-
-# A status label for a request that got no HTTP answer at all (refused, reset, timed out).
-NO_RESPONSE: Final = "network_error"
 
 _MAX_PAGES: Final = 50  # list_reserved_ips stops here; 50 pages of 200 is far beyond any account
 _MAX_MESSAGE_CHARS: Final = 300  # API error messages are cut to this length in exceptions
@@ -151,7 +151,7 @@ def _check_base_url(key: str, url: str) -> None:
 # --------------------------------------------------------------------------- the token
 
 
-class TokenError(ValueError):
+class TokenError(base.CredentialError):
     """The API token could not be loaded; the message says where we looked, never the token."""
 
 
@@ -938,3 +938,86 @@ def _action(wire: _ActionWire, status: int) -> Action:
         region=wire.region_slug,
         http_status=status,
     )
+
+
+# --------------------------------------------------------------------------- the seam
+
+_R = TypeVar("_R", ReservedIP, Action)
+
+
+def _translate(exc: ProviderError) -> base.ProviderError:
+    """This module's error as the assigner's vocabulary (`providers.base`) names it."""
+    common: dict[str, Any] = {
+        "endpoint": exc.endpoint,
+        "status": exc.status,
+        "origin": type(exc).__name__,
+    }
+    message = exc.message
+    if isinstance(exc, Unauthorized):
+        return base.Rejected(message, **common)
+    if isinstance(exc, NotFound):
+        return base.NotFound(message, **common)
+    if isinstance(exc, Unprocessable):
+        return base.Busy(message, **common)
+    if isinstance(exc, RateLimited):
+        return base.RateLimited(message, retry_after=exc.retry_after, **common)
+    return base.Unavailable(message, **common)
+
+
+class DigitalOceanProvider:
+    """`providers.base.Provider` over a `DigitalOceanClient`: reserved IPv4 addresses.
+
+    A reserved IPv4 has a `locked` flag and its own actions endpoint; an action the IP's
+    endpoint does not know yet (404) is read once more through `/v2/actions/{id}`.
+    """
+
+    def __init__(self, client: DigitalOceanClient) -> None:
+        self._client = client
+
+    def __repr__(self) -> str:
+        return f"DigitalOceanProvider({self._client!r})"
+
+    async def read(self, address: str, hooks: base.RequestHooks) -> base.Holding:
+        found = await _send(hooks, "get_reserved_ip", lambda: self._client.get_reserved_ip(address))
+        return base.Holding(
+            address=found.ip,
+            droplet_id=found.droplet_id,
+            locked=found.locked,
+            http_status=found.http_status,
+        )
+
+    async def assign(
+        self, address: str, droplet_id: int, hooks: base.RequestHooks
+    ) -> base.Operation:
+        action = await _send(hooks, "assign", lambda: self._client.assign(address, droplet_id))
+        return _operation(action)
+
+    async def follow(
+        self, address: str, operation: base.Operation, hooks: base.RequestHooks
+    ) -> base.Operation:
+        client = self._client
+        try:
+            action = await _send(
+                hooks,
+                "get_ip_action",
+                lambda: client.get_ip_action(address, operation.id, fallback=False),
+            )
+        except base.NotFound:
+            action = await _send(hooks, "get_action", lambda: client.get_action(operation.id))
+        return _operation(action)
+
+
+async def _send(hooks: base.RequestHooks, endpoint: str, call: Callable[[], Awaitable[_R]]) -> _R:
+    """One request: announced before and after, its error translated at this boundary."""
+    await hooks.before()
+    try:
+        result = await call()
+    except ProviderError as exc:
+        hooks.after(endpoint, exc.status_label)
+        raise _translate(exc) from None
+    hooks.after(endpoint, str(result.http_status))
+    return result
+
+
+def _operation(action: Action) -> base.Operation:
+    return base.Operation(id=action.id, status=action.status, http_status=action.http_status)
