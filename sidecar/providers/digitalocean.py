@@ -423,12 +423,16 @@ _STATUS_ERRORS: Final[dict[int, type[ProviderError]]] = {
 
 
 class ReservedIP(msgspec.Struct, frozen=True, kw_only=True):
-    """A reserved IP as read now. `droplet_id` is None when it is not assigned."""
+    """A reserved IP as read now. `droplet_id` is None when it is not assigned.
+
+    `locked` is None for a reserved IPv6: its object has no such field (an action in
+    progress shows only as a 422 on the next POST, or in `/v2/actions/{id}`).
+    """
 
     ip: str
     droplet_id: int | None
     region: str
-    locked: bool
+    locked: bool | None
     http_status: int = 200
 
 
@@ -468,6 +472,22 @@ class _ReservedIPWire(msgspec.Struct):
     region: _RegionWire
     droplet: _DropletWire | None
     locked: bool
+
+
+class _MaybeDropletWire(msgspec.Struct):
+    # The spec's "null" alternative for an unassigned IPv6 is an object type marked
+    # nullable: an empty object is read as "no droplet" rather than refused.
+    id: int | None = None
+
+
+class _ReservedIPv6Wire(msgspec.Struct):
+    ip: str
+    region_slug: str
+    droplet: _MaybeDropletWire | None = None
+
+
+class _ReservedIPv6Envelope(msgspec.Struct):
+    reserved_ipv6: _ReservedIPv6Wire
 
 
 class _ReservedIPEnvelope(msgspec.Struct):
@@ -677,6 +697,47 @@ class DigitalOceanClient:
     async def unassign(self, ip: str) -> Action:
         """Start detaching `ip` from whatever droplet holds it; returns the action."""
         return await self._post_action(ip, _UnassignRequest())
+
+    # ------------------------------------------------------------------ reserved IPv6
+
+    async def get_reserved_ipv6(self, ip: str) -> ReservedIP:
+        """Read one reserved IPv6: its holder and region (`locked` is None: no such field)."""
+        endpoint = "GET /v2/reserved_ipv6/{ip}"
+        answer = await self._call(self._api, "GET", f"/v2/reserved_ipv6/{_ipv6(ip)}", endpoint)
+        wire = self._decode(answer.body, _ReservedIPv6Envelope, endpoint, answer.status)
+        found = wire.reserved_ipv6
+        return ReservedIP(
+            ip=found.ip,
+            droplet_id=None if found.droplet is None else found.droplet.id,
+            region=found.region_slug,
+            locked=None,
+            http_status=answer.status,
+        )
+
+    async def assign_ipv6(self, ip: str, droplet_id: int) -> Action:
+        """Start moving a reserved IPv6 to `droplet_id`; follow it with `get_action`."""
+        if droplet_id <= 0:
+            raise ValueError("droplet_id must be a positive integer")
+        return await self._post_ipv6_action(ip, _AssignRequest(droplet_id=droplet_id))
+
+    async def unassign_ipv6(self, ip: str) -> Action:
+        """Start detaching a reserved IPv6 from its droplet."""
+        return await self._post_ipv6_action(ip, _UnassignRequest())
+
+    async def _post_ipv6_action(
+        self, ip: str, request: _AssignRequest | _UnassignRequest
+    ) -> Action:
+        endpoint = "POST /v2/reserved_ipv6/{ip}/actions"
+        path = f"/v2/reserved_ipv6/{_ipv6(ip)}/actions"
+        answer = await self._call(
+            self._api, "POST", path, endpoint, content=msgspec.json.encode(request)
+        )
+        return _action(
+            self._decode(answer.body, _ActionEnvelope, endpoint, answer.status).action,
+            answer.status,
+        )
+
+    # ------------------------------------------------------------------ actions
 
     async def get_ip_action(self, ip: str, action_id: int, *, fallback: bool = True) -> Action:
         """Read an action through the IP's actions; on 404, try `/v2/actions/{id}` if `fallback`.
@@ -911,6 +972,13 @@ def _ip(value: str) -> str:
         raise ValueError(f"not an IPv4 address: {value!r}") from None
 
 
+def _ipv6(value: str) -> str:
+    try:
+        return ipaddress.IPv6Address(value).compressed
+    except ValueError:
+        raise ValueError(f"not an IPv6 address: {value!r}") from None
+
+
 def _positive(value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"not a positive integer id: {value!r}")
@@ -965,10 +1033,12 @@ def _translate(exc: ProviderError) -> base.ProviderError:
 
 
 class DigitalOceanProvider:
-    """`providers.base.Provider` over a `DigitalOceanClient`: reserved IPv4 addresses.
+    """`providers.base.Provider` over a `DigitalOceanClient`, for both address families.
 
-    A reserved IPv4 has a `locked` flag and its own actions endpoint; an action the IP's
-    endpoint does not know yet (404) is read once more through `/v2/actions/{id}`.
+    A reserved IPv4 has a `locked` flag and its own actions endpoint; an action that
+    endpoint does not know yet (404) is read once more through `/v2/actions/{id}`. A
+    reserved IPv6 has neither: it is read without a lock (`locked` None) and its actions
+    are followed through `/v2/actions/{id}` alone (scope `actions:read`).
     """
 
     def __init__(self, client: DigitalOceanClient) -> None:
@@ -978,7 +1048,13 @@ class DigitalOceanProvider:
         return f"DigitalOceanProvider({self._client!r})"
 
     async def read(self, address: str, hooks: base.RequestHooks) -> base.Holding:
-        found = await _send(hooks, "get_reserved_ip", lambda: self._client.get_reserved_ip(address))
+        client = self._client
+        if _is_ipv6(address):
+            found = await _send(
+                hooks, "get_reserved_ipv6", lambda: client.get_reserved_ipv6(address)
+            )
+        else:
+            found = await _send(hooks, "get_reserved_ip", lambda: client.get_reserved_ip(address))
         return base.Holding(
             address=found.ip,
             droplet_id=found.droplet_id,
@@ -989,13 +1065,22 @@ class DigitalOceanProvider:
     async def assign(
         self, address: str, droplet_id: int, hooks: base.RequestHooks
     ) -> base.Operation:
-        action = await _send(hooks, "assign", lambda: self._client.assign(address, droplet_id))
+        client = self._client
+        if _is_ipv6(address):
+            action = await _send(
+                hooks, "assign_ipv6", lambda: client.assign_ipv6(address, droplet_id)
+            )
+        else:
+            action = await _send(hooks, "assign", lambda: client.assign(address, droplet_id))
         return _operation(action)
 
     async def follow(
         self, address: str, operation: base.Operation, hooks: base.RequestHooks
     ) -> base.Operation:
         client = self._client
+        if _is_ipv6(address):
+            action = await _send(hooks, "get_action", lambda: client.get_action(operation.id))
+            return _operation(action)
         try:
             action = await _send(
                 hooks,
@@ -1005,6 +1090,10 @@ class DigitalOceanProvider:
         except base.NotFound:
             action = await _send(hooks, "get_action", lambda: client.get_action(operation.id))
         return _operation(action)
+
+
+def _is_ipv6(address: str) -> bool:
+    return ":" in address
 
 
 async def _send(hooks: base.RequestHooks, endpoint: str, call: Callable[[], Awaitable[_R]]) -> _R:
