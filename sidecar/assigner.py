@@ -27,12 +27,13 @@ budget rather than exceed it.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import NoReturn, Protocol, TypeVar
+from typing import Literal, NoReturn, Protocol, TypeVar
 
 import msgspec
 import trio
@@ -40,6 +41,7 @@ import trio
 from sidecar.providers.base import (
     Busy,
     CredentialError,
+    Family,
     Holding,
     NotFound,
     Operation,
@@ -106,6 +108,11 @@ class AssignerObserver(Protocol):
     def assignment_finished(self, seconds: float, outcome: str) -> None:
         """An assignment ended; outcome is completed/errored/timeout/unknown/failed/cancelled."""
         ...
+
+
+AddressEvent = Literal["address_gained", "address_lost"]
+AddressListener = Callable[[AddressEvent], None]
+"""Told, synchronously, when this node gains or loses the address (see `Assigner`)."""
 
 
 class AssignerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
@@ -278,9 +285,11 @@ class ErrorRecord(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class AssignerSnapshot(msgspec.Struct, frozen=True, kw_only=True):
-    """What `/status` shows about the IP. Times are epoch seconds."""
+    """What `/status` shows about one address. Times are epoch seconds. The address is
+    "here" when `leading` and `holder_droplet_id == droplet_id`."""
 
     reserved_ip: str
+    family: Family
     droplet_id: int
     leading: bool
     holder_droplet_id: int | None
@@ -347,6 +356,8 @@ class Assigner:
         budget: RequestBudget | None = None,
         wall_clock: Callable[[], float] = time.time,
         tokens: RefreshableToken | None = None,
+        budget_shares: int = 1,
+        on_event: AddressListener | None = None,
     ) -> None:
         if droplet_id <= 0:
             raise ValueError("droplet_id must be a positive integer")
@@ -357,16 +368,25 @@ class Assigner:
         self._settings = settings
         self._rng = rng
         self._observer = observer
-        self._budget = budget or RequestBudget(
-            settings.requests_per_minute, settings.requests_per_hour
-        )
+        if budget_shares < 1:
+            raise ValueError("budget_shares must be >= 1")
+        self._shares = budget_shares
+        self._budget = budget or RequestBudget(*self._limits(settings))
+        self._family: Family = "ipv6" if ipaddress.ip_address(reserved_ip).version == 6 else "ipv4"
+        self._on_event = on_event
+        # Whether the last address event said "gained" (None: none yet this term).
+        self._announced: AddressEvent | None = None
         self._wall_clock = wall_clock
         self._tokens = tokens
         self._token_problem: str | None = None  # the last token re-read error logged
         self._retry_now = trio.Event()
-        self._log_fields = {"reserved_ip": reserved_ip, "droplet_id": droplet_id}
+        self._log_fields: dict[str, object] = {
+            "reserved_ip": reserved_ip,
+            "droplet_id": droplet_id,
+        }
         # State for /status.
         self._leading = False
+        self._leading_term = False  # a term began and `leadership_lost` has not run
         self._holder: Holding | None = None
         self._holder_read_at: float | None = None
         self._last_assignment: AssignmentRecord | None = None
@@ -378,12 +398,46 @@ class Assigner:
     def update_settings(self, settings: AssignerSettings) -> None:
         """A reload: intervals and delays apply from the next wait, budget limits at once."""
         self._settings = settings
-        self._budget.set_limits(settings.requests_per_minute, settings.requests_per_hour)
+        self._budget.set_limits(*self._limits(settings))
+
+    def _limits(self, settings: AssignerSettings) -> tuple[int, int]:
+        """This address's share of the node's budget (each of `budget_shares` addresses
+        gets an equal part, so all of them together stay within the node's)."""
+        return (
+            max(1, settings.requests_per_minute // self._shares),
+            max(1, settings.requests_per_hour // self._shares),
+        )
+
+    @property
+    def address(self) -> str:
+        return self._ip
+
+    @property
+    def family(self) -> Family:
+        return self._family
+
+    def leadership_lost(self) -> None:
+        """The node stopped leading: if this term's last word was not already "lost", say
+        `address_lost` (it held the address or was working towards it). Idempotent; the
+        node's event listener calls it at once, and `run()` again when its scope ends."""
+        if self._leading_term and self._announced != "address_lost":
+            self._announce("address_lost")
+        self._leading_term = False
+
+    def _announce(self, event: AddressEvent) -> None:
+        self._announced = event
+        logger.info(
+            "address gained" if event == "address_gained" else "address lost",
+            extra={**self._log_fields, "event": event, "family": self._family},
+        )
+        if self._on_event is not None:
+            self._on_event(event)
 
     def snapshot(self) -> AssignerSnapshot:
         minute, hour = self._budget.used()
         return AssignerSnapshot(
             reserved_ip=self._ip,
+            family=self._family,
             droplet_id=self._droplet_id,
             leading=self._leading,
             holder_droplet_id=None if self._holder is None else self._holder.droplet_id,
@@ -413,13 +467,15 @@ class Assigner:
                 await trio.sleep(_STALE_SCOPE_RETRY_DELAY)
                 continue
             used = scope
-            self._leading = True
+            self._leading = self._leading_term = True
+            self._announced = None
             logger.info("gained leadership: taking the reserved IP", extra=self._log_fields)
             try:
                 with scope:
                     await self._lead()
             finally:
                 self._leading = False
+                self.leadership_lost()
             logger.info("leadership lost: assigner stopped", extra=self._log_fields)
             # A misbehaving view returning cancelled scopes in a row must not spin us hot.
             await trio.lowlevel.checkpoint()
@@ -436,6 +492,12 @@ class Assigner:
                 await self._back_off(exc)
                 continue
             here = holder.droplet_id == self._droplet_id
+            # `_leading_term` is False once the node said it lost leadership, even if this
+            # read's answer arrived in the same instant: never announce after that.
+            if here and self._leading_term and self._announced != "address_gained":
+                self._announce("address_gained")
+            elif not here and self._announced == "address_gained":
+                self._announce("address_lost")  # seen pointing elsewhere
             if here:
                 await trio.sleep(self._reconcile_delay())
                 continue
