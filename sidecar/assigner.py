@@ -82,6 +82,42 @@ class LeadershipView(Protocol):
         ...
 
 
+class SharedLeadership:
+    """One node's leadership handed to several assigners (one per address).
+
+    A trio cancel scope can be entered once, so each assigner gets a scope of its own
+    for each term; `ended()` cancels them all. The node's event listener calls it in the
+    same step in which the node cancels its own term scope (`LostLeadership`), so every
+    assigner stops at the same instant a single one would.
+    """
+
+    def __init__(self, view: LeadershipView) -> None:
+        self._view = view
+        self._term: trio.CancelScope | None = None
+        self._scopes: list[trio.CancelScope] = []
+
+    def is_leader(self) -> bool:
+        return self._view.is_leader()
+
+    async def wait_until_leader(self) -> trio.CancelScope:
+        while True:
+            term = await self._view.wait_until_leader()
+            if not term.cancel_called:
+                break
+            await trio.sleep(_STALE_SCOPE_RETRY_DELAY)  # the view has not caught up yet
+        if term is not self._term:
+            self._term, self._scopes = term, []
+        scope = trio.CancelScope()
+        self._scopes.append(scope)
+        return scope
+
+    def ended(self) -> None:
+        """Leadership was lost: cancel every scope handed out for the term."""
+        for scope in self._scopes:
+            scope.cancel()
+        self._scopes = []
+
+
 class RefreshableToken(Protocol):
     """The token source the client sends (`digitalocean.TokenSource` implements it)."""
 

@@ -17,7 +17,13 @@ import msgspec
 import trio
 
 from sidecar import files
-from sidecar.assigner import AddressEvent, AddressListener, Assigner, AssignerSnapshot
+from sidecar.assigner import (
+    AddressEvent,
+    AddressListener,
+    Assigner,
+    AssignerSnapshot,
+    SharedLeadership,
+)
 from sidecar.config import Address, Config, ConfigError, ManagedAddress
 from sidecar.election import Event, GainedLeadership, LeaderChanged, LostLeadership
 from sidecar.health import HealthChecker
@@ -68,12 +74,15 @@ def _hook_listener(hooks: HookRunner) -> EventListener:
     return on_event
 
 
-def _leadership_lost_listener(assigners: list[Assigner]) -> EventListener:
-    """Tell every assigner at once that leadership ended (before the node's next step), so
-    each address's `address_lost` is queued with the node's own `lost`."""
+def _leadership_lost_listener(
+    leadership: SharedLeadership, assigners: list[Assigner]
+) -> EventListener:
+    """In the node's own `LostLeadership` step: stop every assigner, and have each queue
+    its `address_lost` beside the node's `lost`."""
 
     def on_event(event: Event, node: Node) -> None:
         if isinstance(event, LostLeadership):
+            leadership.ended()
             for assigner in assigners:
                 assigner.leadership_lost()
 
@@ -271,12 +280,13 @@ async def _run_assigners(
     async with DigitalOceanClient(config.digitalocean, tokens) as client:
         droplet_id = await _droplet_id(config, client)
         provider = DigitalOceanProvider(client)
+        leadership = SharedLeadership(node)
         assigners = [
             Assigner(
                 provider,
                 address.address,
                 droplet_id,
-                node,
+                leadership,
                 config.assigner,
                 random.Random(),
                 metrics.for_address(address.address),
@@ -286,7 +296,7 @@ async def _run_assigners(
             )
             for address in config.addresses
         ]
-        node.add_listener(_leadership_lost_listener(assigners))
+        node.add_listener(_leadership_lost_listener(leadership, assigners))
 
         def snapshots() -> list[AssignerSnapshot]:
             return [assigner.snapshot() for assigner in assigners]

@@ -97,16 +97,17 @@ class Gate:
         emulator = self.emulator
         faults = emulator.faults
         token = bearer_token(request)
-        outage = faults.outage_remaining(emulator.clock())
+        faulted = faults.applies_to(request.url.path)
+        outage = faults.outage_remaining(emulator.clock()) if faulted else 0.0
         if outage > 0.0:
             if faults.outage_mode == "hang":
                 await trio.sleep(outage)
             else:
                 return self._error(token, 503, "service_unavailable", "Service unavailable.")
-        if faults.latency_seconds > 0.0:
+        if faulted and faults.latency_seconds > 0.0:
             await trio.sleep(faults.latency_seconds)
         now = emulator.clock()
-        forced = faults.force_429_remaining(now)
+        forced = faults.force_429_remaining(now) if faulted else 0.0
         if forced > 0.0:
             decision = emulator.limiter.refuse(token, now, forced)
         else:
@@ -124,7 +125,7 @@ class Gate:
             error = forbidden()
             return json_response(403, render.error(error.error_id, error.message), headers)
         request.state.grant = grant
-        if faults.should_fail(emulator.rng):
+        if faulted and faults.should_fail(emulator.rng):
             status = faults.error_status
             body = render.error(ERROR_IDS[status], "Injected server error.")
             return json_response(status, body, headers)
