@@ -179,3 +179,15 @@ def test_the_ipv6_checker_can_fail() -> None:
         check_response("GET", path, 200, {"reserved_ipv6": {"ip": IP}}, headers)
     with pytest.raises(AssertionError, match=r"lacks \['reserved_ipv6'\]"):
         check_response("GET", path, 200, {"reserved_ip": good["reserved_ipv6"]}, headers)
+
+
+async def test_moves_of_both_families_to_one_droplet_run_at_once() -> None:
+    """Two assigners (IPv4 and IPv6) post to the same new holder in the same instant: only
+    a move of the same family, or a droplet event, makes the second one wait."""
+    emulator = make_emulator(action_seconds=5.0)
+    async with api_client(emulator) as client:
+        assert (await assign(client, 1002)).status_code == 201
+        assert (await assign(client, 1002, IP6)).status_code == 201
+        spare = await assign(client, 1002, SPARE_IP)
+        assert spare.status_code == 422, "the IPv4 move to 1002 is still in flight"
+        assert spare.json()["message"] == "Droplet already has a pending event."

@@ -449,7 +449,9 @@ class AccountState:
             if droplet_id is None:
                 raise unprocessable("droplet_id is required to assign a reserved IP.")
             self._check_can_hold(reserved, droplet_id)
-            if any(True for _ in self._in_progress(lambda a: a.involves_droplet(droplet_id))):
+            if any(
+                True for _ in self._in_progress(lambda a: self._blocks(a, reserved, droplet_id))
+            ):
                 raise pending_droplet_event()
         elif reserved.droplet_id is None:
             raise unprocessable("The reserved IP is not assigned to a droplet.")
@@ -513,6 +515,17 @@ class AccountState:
         return self._apply(reserved, droplet_id, None, "manual", now, epoch, now, epoch)
 
     # ---- internals ---------------------------------------------------------------------
+
+    def _blocks(self, action: Action, reserved: ReservedIP, droplet_id: int) -> bool:
+        """Whether `action`, in progress, makes assigning `reserved` to `droplet_id` a 422:
+        any droplet event on it does, and a move of another address of the same family to
+        or from it. Moves of the other family do not (undocumented, like holding both;
+        with `allow_mixed_families` off the assign is refused anyway)."""
+        if not action.involves_droplet(droplet_id):
+            return False
+        if action.ip is None:
+            return True
+        return family_of(action.ip) == reserved.family or not self.settings.allow_mixed_families
 
     def _in_progress(self, predicate: Callable[[Action], bool]) -> Iterator[Action]:
         return (a for a in self.actions.values() if a.status == "in-progress" and predicate(a))
