@@ -20,6 +20,7 @@ from test_failover_ip import ASSIGNER, DROPLET, FAST_HEALTH, TIMING, admin, sett
 from test_hooks import read_env_dump, write_script
 
 from sidecar.localcluster import DEFAULT_RESERVED_IP, LocalCluster, overlaps
+from sidecar.status_cli import render
 
 IP4 = DEFAULT_RESERVED_IP
 IP6 = "2001:db8::10"
@@ -105,6 +106,11 @@ def test_both_addresses_follow_the_leader_and_hooks_see_each(cluster: LocalClust
     assert status is not None and status["floating_ip"]["reserved_ip"] == IP4
     assert [e["reserved_ip"] for e in status["addresses"]] == [IP4, IP6]
     assert all(here(e) for e in status["addresses"])
+    shown = render(status)
+    assert f"address {IP4} (ipv4): here" in shown and f"address {IP6} (ipv6): here" in shown
+    metrics = httpx.get(f"{cluster.members[1].status_url}/metrics", timeout=2.0).text
+    assert f'fip_address_here{{address="{IP6}",family="ipv6"}} 1.0' in metrics
+    assert f'address="{IP6}"' in metrics.split("fip_api_requests_total", 1)[1]
 
     stopped = cluster.kill(1, signal.SIGTERM)  # a resign: node 1's lost hooks run first
     assert cluster.wait_exit(1) == 0
