@@ -1,4 +1,10 @@
-"""Leader-only reconciler: make the reserved IP point at this droplet, and keep it there.
+"""Leader-only reconciler: make one reserved address point at this droplet, and keep it there.
+
+One assigner per address (IPv4 or IPv6), each its own task with its own share of the
+node's request budget, so one failing address never stalls another (`SharedLeadership`
+hands each its own cancel scope per term). It speaks to the cloud only through the
+neutral seam of `sidecar.providers.base`, and tells a listener when the address was read
+pointing here (`address_gained`) and when this node let go of it (`address_lost`).
 
 The assigner acts on the *current* state, never on counting events: whenever this node
 leads, it reads who holds the IP and, if it is not this droplet, assigns it here (an assign
@@ -410,7 +416,7 @@ class Assigner:
         self._budget = budget or RequestBudget(*self._limits(settings))
         self._family: Family = "ipv6" if ipaddress.ip_address(reserved_ip).version == 6 else "ipv4"
         self._on_event = on_event
-        # Whether the last address event said "gained" (None: none yet this term).
+        # The last address event of this term (None: none yet).
         self._announced: AddressEvent | None = None
         self._wall_clock = wall_clock
         self._tokens = tokens
@@ -443,14 +449,6 @@ class Assigner:
             max(1, settings.requests_per_minute // self._shares),
             max(1, settings.requests_per_hour // self._shares),
         )
-
-    @property
-    def address(self) -> str:
-        return self._ip
-
-    @property
-    def family(self) -> Family:
-        return self._family
 
     def leadership_lost(self) -> None:
         """The node stopped leading: if this term's last word was not already "lost", say

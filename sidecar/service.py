@@ -113,7 +113,8 @@ async def _droplet_id(config: Config, client: DigitalOceanClient) -> int:
             return await client.metadata_droplet_id()
     except (ProviderError, trio.TooSlowError) as exc:
         raise StartupError(
-            "floating_ip.droplet_id: not set and the metadata service did not answer "
+            "floating_ip.droplet_id (droplet_id with [[addresses]]): not set and the "
+            "metadata service did not answer "
             f"({exc}); set it, or check digitalocean.metadata_url"
         ) from None
 
