@@ -1,8 +1,12 @@
 """The DigitalOcean provider: a small trio-native client for the reserved-IP API and metadata.
 
 It covers exactly what the sidecar needs: read a reserved IP (who holds it, its region,
-whether an action locks it), list reserved IPs, assign and unassign, follow an action, and
-read this droplet's id, region and "reserved IP active" flag from the metadata service.
+whether an action locks it), list reserved IPs, assign and unassign, follow an action, the
+same for a reserved IPv6 (`/v2/reserved_ipv6`: no `locked`, actions read through
+`/v2/actions/{id}`), and read this droplet's id, region and "reserved IP active" flag from
+the metadata service. `DigitalOceanProvider` at the end is the seam the assigner uses
+(`sidecar.providers.base`): it picks the family's endpoints and translates this module's
+errors into the seam's.
 Every answer is decoded into a typed, frozen struct with strict types; every failure,
 whatever library raised it, leaves this module as one of the `ProviderError` subclasses
 below, carrying the HTTP status (or none, for a network failure) so the caller can decide
