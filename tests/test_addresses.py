@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,26 +27,40 @@ IP6 = "2001:db8::10"
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+def make_cluster(tmp_path: Path) -> Iterator[Callable[..., LocalCluster]]:
+    """Start a two-address cluster (extra `emulate` flags allowed), stopped at teardown."""
     dumps = tmp_path / "hooks"
     dumps.mkdir()
     hook = write_script(
         tmp_path / "hook.sh", f'env -0 > "{dumps}/$FIP_NODE_ID.$FIP_EVENT.$FIP_FAMILY"\n'
     )
-    local = LocalCluster(
-        tmp_path / "cluster",
-        with_ip=True,
-        reserved_ipv6=IP6,
-        timing=TIMING,
-        health=FAST_HEALTH,
-        assigner=ASSIGNER,
-        hooks={"on_address_gained": [hook], "on_address_lost": [hook]},
-    )
-    try:
+    started: list[LocalCluster] = []
+
+    def make(*emulator_flags: str) -> LocalCluster:
+        local = LocalCluster(
+            tmp_path / "cluster",
+            with_ip=True,
+            reserved_ipv6=IP6,
+            timing=TIMING,
+            health=FAST_HEALTH,
+            assigner=ASSIGNER,
+            hooks={"on_address_gained": [hook], "on_address_lost": [hook]},
+            emulator_flags=("--action-seconds", "0.5", *emulator_flags),
+        )
+        started.append(local)
         local.start()
-        yield local
+        return local
+
+    try:
+        yield make
     finally:
-        local.stop()
+        for local in started:
+            local.stop()
+
+
+@pytest.fixture
+def cluster(make_cluster: Callable[..., LocalCluster]) -> LocalCluster:
+    return make_cluster()
 
 
 def hook_env(cluster: LocalCluster, node: int, event: str, family: str) -> dict[str, str]:
@@ -162,3 +176,33 @@ def test_a_failing_ipv6_api_never_stalls_the_ipv4(cluster: LocalCluster, mode: s
     cluster.wait_for_holder(DROPLET[2], since=killed, ip=IP6, timeout=40.0)
     assert cluster.edge6_url is not None
     edge_answers_from(cluster.edge6_url, DROPLET[2])
+
+
+def test_an_api_that_refuses_both_families_on_one_droplet_stalls_nothing(
+    make_cluster: Callable[..., LocalCluster],
+) -> None:
+    """`--forbid-mixed-families`: the API's other possible answer. Whichever address
+    reaches the droplet first keeps it; the other reports its 422 per address and keeps
+    retrying, and the first is never disturbed."""
+    cluster = make_cluster("--forbid-mixed-families")
+    cluster.wait_for_leader(expect=1, timeout=20.0 + TIMING["preempt_delay"])
+    deadline = time.monotonic() + 30.0
+    entries = address_status(cluster, 1)
+    while time.monotonic() < deadline and not (
+        any(here(e) for e in entries.values())
+        and any(
+            "reserved IPV" in (e["last_error"] or {}).get("message", "")
+            for e in entries.values()
+            if not here(e)
+        )
+    ):  # a first 422 may be "pending event" (both POSTs at once); then the family rule
+        time.sleep(0.2)
+        entries = address_status(cluster, 1)
+    held = [family for family, e in entries.items() if here(e)]
+    refused = [family for family, e in entries.items() if not here(e)]
+    assert len(held) == 1 and len(refused) == 1, entries
+    assert entries[refused[0]]["last_error"]["status"] == 422
+    assert "reserved IPV" in entries[refused[0]]["last_error"]["message"]
+    holders = {ip: cluster.holder(ip) for ip in (IP4, IP6)}
+    assert sorted(holders.values(), key=str) == [DROPLET[1], None], holders
+    assert hook_env(cluster, 1, "address_gained", held[0])["FIP_FAMILY"] == held[0]
