@@ -45,6 +45,14 @@ Restoring between trials (`--restore`):
   it. Each trial starts from the same state; the restore time is not measured.
 - `fresh`: a new cluster per trial (slower).
 
+Both address families in the same run (`--families both`, the default): the cluster holds
+a reserved IPv4 and a reserved IPv6 (`[[addresses]]`, one assigner each), the emulator
+serves an IPv4 edge on 127.0.0.1 and an IPv6 edge on ::1, and a client thread probes
+each. Per trial the bench reports the downtime each family's client saw, and `both`: the
+time from the kill until each edge has answered from droplet 1002 (both addresses on the
+new leader). The component split is the IPv4 address's. `--families ipv4` runs the
+single-address cluster of before.
+
 Every wait is bounded, `--max-seconds` bounds the whole run, and every process is stopped
 by PID at the end.
 
@@ -54,6 +62,7 @@ by PID at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import math
 import statistics
@@ -68,7 +77,7 @@ from pathlib import Path
 import httpx
 
 from sidecar.emulator.state import DROPLET_EVENT_KINDS
-from sidecar.localcluster import ClusterError, LocalCluster, overlaps
+from sidecar.localcluster import DEFAULT_RESERVED_IPV6, ClusterError, LocalCluster, overlaps
 
 DROPLET_1 = 1001
 DROPLET_2 = 1002
@@ -79,6 +88,7 @@ HEALTH = {"check_interval": 0.25, "check_timeout": 0.2, "rise": 2, "fall": 3}
 SETTLE_AFTER_RECOVERY = 0.5
 FAST_TARGET_P99 = 1.2
 COMPONENTS = ("election", "request", "action", "edge")
+FAMILY_COLUMNS = ("ipv4 p50 p99", "ipv6 p50 p99", "both p50 p99")
 
 
 @dataclass(frozen=True)
@@ -101,8 +111,10 @@ class Phase:
 
 @dataclass
 class Trial:
-    downtime: float
+    downtime: float  # the IPv4 client's
     parts: dict[str, float]
+    downtime6: float | None = None  # the IPv6 client's
+    both: float | None = None  # kill -> both edges answer from droplet 1002
 
 
 @dataclass
@@ -190,10 +202,11 @@ def longest_gap(samples: Sequence[Sample], since: float) -> float:
 # ---------------------------------------------------------------------- one trial
 
 
-def new_cluster(workdir: Path, phase: Phase, preempt_delay: float) -> LocalCluster:
+def new_cluster(workdir: Path, phase: Phase, preempt_delay: float, ipv6: bool) -> LocalCluster:
     cluster = LocalCluster(
         workdir,
         with_ip=True,
+        reserved_ipv6=DEFAULT_RESERVED_IPV6 if ipv6 else None,
         timing={"preempt_delay": preempt_delay},
         health=HEALTH,
         assigner=ASSIGNER,
@@ -219,17 +232,31 @@ def wait_ready_for_trial(cluster: LocalCluster, phase: Phase, timeout: float = 6
     deadline = time.monotonic() + timeout
     cluster.wait_stable(timeout=timeout, expect=1)
     cluster.wait_for_holder(DROPLET_1, timeout=max(1.0, deadline - time.monotonic()))
+    if cluster.reserved_ipv6 is not None:
+        cluster.wait_for_holder(
+            DROPLET_1, timeout=max(1.0, deadline - time.monotonic()), ip=cluster.reserved_ipv6
+        )
+    for edge in edges(cluster):
+        wait_edge_answers(edge, deadline)
+
+
+def edges(cluster: LocalCluster) -> list[str]:
+    """The IPv4 edge's URL, and the IPv6 edge's when the cluster has a reserved IPv6."""
     assert cluster.edge_url is not None
+    return [cluster.edge_url] + ([cluster.edge6_url] if cluster.edge6_url else [])
+
+
+def wait_edge_answers(edge: str, deadline: float) -> None:
     with httpx.Client(trust_env=False, timeout=1.0) as client:
         while time.monotonic() < deadline:
             try:
-                response = client.get(f"{cluster.edge_url}/")
+                response = client.get(f"{edge}/")
                 if response.headers.get("x-fip-droplet") == str(DROPLET_1):
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.05)
-    raise ClusterError(f"the edge did not answer from droplet {DROPLET_1} within {timeout}s")
+    raise ClusterError(f"{edge} did not answer from droplet {DROPLET_1} in time")
 
 
 def wait_for_baseline(prober: Prober, successes: int = 10, timeout: float = 10.0) -> None:
@@ -254,43 +281,55 @@ def start_target_event(cluster: LocalCluster, kind: str, seconds: float) -> None
         raise ClusterError(f"the emulator refused the droplet event: {response.text}")
 
 
+def first_from_target(samples: Sequence[Sample], since: float) -> float | None:
+    return min((s.done for s in samples if s.ok and s.droplet == DROPLET_2 and s.sent > since),
+               default=None)  # fmt: skip
+
+
 def measure_one(cluster: LocalCluster, phase: Phase, interval: float) -> Trial:
-    assert cluster.edge_url is not None
     bound = 20.0 + 2 * (phase.action_seconds + phase.propagation_delay)
     if phase.target_event is not None:
         bound += phase.target_event[1]
-    with Prober(cluster.edge_url, interval) as prober:
-        wait_for_baseline(prober)
+    with contextlib.ExitStack() as stack:
+        probers = [stack.enter_context(Prober(edge, interval)) for edge in edges(cluster)]
+        for prober in probers:
+            wait_for_baseline(prober)
         if phase.target_event is not None:
             start_target_event(cluster, *phase.target_event)
         killed = cluster.kill(1)
         cluster.kill_web(1)
         deadline = time.monotonic() + bound
-        recovered: float | None = None
         while time.monotonic() < deadline:
             time.sleep(0.05)
-            if recovered is None:
-                recovered = next(
-                    (s.done for s in prober.samples() if s.ok and s.droplet == DROPLET_2), None
-                )
-            elif time.monotonic() >= recovered + SETTLE_AFTER_RECOVERY:
+            recovered = [first_from_target(p.samples(), killed) for p in probers]
+            if all(r is not None for r in recovered) and time.monotonic() >= (
+                max(r for r in recovered if r is not None) + SETTLE_AFTER_RECOVERY
+            ):
                 break
         else:
             raise ClusterError(f"no answer from droplet {DROPLET_2} within {bound:.0f} s")
     cluster.wait_exit(1)
-    samples = prober.samples()
+    samples = probers[0].samples()
     gained = cluster.wait_for_event(
         2, lambda e: e.get("event") == "gained" and e["at_mono"] > killed, timeout=5.0
     )
     moved = cluster.wait_for_holder(DROPLET_2, since=killed, timeout=5.0)
-    first_ok = min(s.done for s in samples if s.ok and s.droplet == DROPLET_2 and s.sent > killed)
+    first_ok = first_from_target(samples, killed)
+    assert first_ok is not None
     parts = {
         "election": gained["at_mono"] - killed,
         "request": moved["requested_monotonic"] - gained["at_mono"],
         "action": moved["completed_monotonic"] - moved["requested_monotonic"],
         "edge": first_ok - moved["completed_monotonic"],
     }
-    return Trial(longest_gap(samples, killed), parts)
+    trial = Trial(longest_gap(samples, killed), parts)
+    if len(probers) == 2:
+        samples6 = probers[1].samples()
+        first6 = first_from_target(samples6, killed)
+        assert first6 is not None
+        trial.downtime6 = longest_gap(samples6, killed)
+        trial.both = max(first_ok, first6) - killed
+    return trial
 
 
 def restore(cluster: LocalCluster, phase: Phase) -> None:
@@ -312,7 +351,12 @@ def run_phase(phase: Phase, root: Path, args: argparse.Namespace, deadline: floa
                 if cluster is None or args.restore == "fresh":
                     if cluster is not None:
                         cluster.stop()
-                    cluster = new_cluster(root / f"{phase.name}-{trial}", phase, args.preempt_delay)
+                    cluster = new_cluster(
+                        root / f"{phase.name}-{trial}",
+                        phase,
+                        args.preempt_delay,
+                        args.families == "both",
+                    )
                 result.trials.append(measure_one(cluster, phase, args.interval))
                 if overlaps(cluster.intervals()):
                     result.failures.append(f"trial {trial}: two leaders overlapped")
@@ -368,6 +412,22 @@ def print_table(results: Sequence[PhaseResult], args: argparse.Namespace) -> Non
             f" {percentile(values, 99):>7.3f} {values[-1]:>7.3f}   "
             + "  ".join(f"{m:>13.3f}" for m in medians)
         )
+    if args.families == "both":
+        print(
+            "\nboth families (IPv4 edge on 127.0.0.1, IPv6 edge on ::1): client downtime per "
+            "family, and `both` = kill -> each edge answers from droplet 1002"
+        )
+        print(f"{'phase':<62} {'n':>3} " + "  ".join(f"{c:>17}" for c in FAMILY_COLUMNS))
+        for result in results:
+            cells = []
+            for name in ("downtime", "downtime6", "both"):
+                values = sorted(v for t in result.trials if (v := getattr(t, name)) is not None)
+                cells.append(
+                    f"{percentile(values, 50):>8.3f} {percentile(values, 99):>8.3f}"
+                    if values
+                    else f"{'-':>17}"
+                )
+            print(f"{result.phase.label:<62} {len(result.trials):>3} " + "  ".join(cells))
     fast = next((r for r in results if r.phase.name == "zero-delay"), None)
     if fast is not None and fast.trials:
         p99 = percentile(sorted(t.downtime for t in fast.trials), 99)
@@ -381,7 +441,8 @@ def print_table(results: Sequence[PhaseResult], args: argparse.Namespace) -> Non
         for result in results:
             for i, t in enumerate(result.trials):
                 parts = " ".join(f"{c}={t.parts[c]:.3f}" for c in COMPONENTS)
-                print(f"  {result.phase.name}[{i}] downtime={t.downtime:.3f} {parts}")
+                extra = "" if t.both is None else f" downtime6={t.downtime6:.3f} both={t.both:.3f}"
+                print(f"  {result.phase.name}[{i}] downtime={t.downtime:.3f}{extra} {parts}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -402,6 +463,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=DROPLET_EVENT_KINDS,
     )
     parser.add_argument("--interval", type=float, default=0.02, help="client request period")
+    parser.add_argument(
+        "--families",
+        choices=["both", "ipv4"],
+        default="both",
+        help="a reserved IPv4 and IPv6 (default), or the IPv4 alone",
+    )
     parser.add_argument("--restore", choices=["restart", "fresh"], default="restart")
     parser.add_argument("--preempt-delay", type=float, default=0.5)
     parser.add_argument("--max-seconds", type=float, default=1200.0, help="bound on the run")

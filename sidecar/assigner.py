@@ -1,4 +1,10 @@
-"""Leader-only reconciler: make the reserved IP point at this droplet, and keep it there.
+"""Leader-only reconciler: make one reserved address point at this droplet, and keep it there.
+
+One assigner per address (IPv4 or IPv6), each its own task with its own share of the
+node's request budget, so one failing address never stalls another (`SharedLeadership`
+hands each its own cancel scope per term). It speaks to the cloud only through the
+neutral seam of `sidecar.providers.base`, and tells a listener when the address was read
+pointing here (`address_gained`) and when this node let go of it (`address_lost`).
 
 The assigner acts on the *current* state, never on counting events: whenever this node
 leads, it reads who holds the IP and, if it is not this droplet, assigns it here (an assign
@@ -27,30 +33,33 @@ budget rather than exceed it.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import NoReturn, Protocol, TypeVar
+from typing import Literal, NoReturn, Protocol, TypeVar
 
 import msgspec
 import trio
 
-from sidecar.digitalocean import (
-    Action,
+from sidecar.providers.base import (
+    Busy,
+    CredentialError,
+    Family,
+    Holding,
     NotFound,
+    Operation,
+    Provider,
     ProviderError,
     RateLimited,
-    ReservedIP,
-    TokenError,
-    Unauthorized,
-    Unprocessable,
+    Rejected,
 )
 
 logger = logging.getLogger(__name__)
 
-_Result = TypeVar("_Result", ReservedIP, Action)
+_Result = TypeVar("_Result", Holding, Operation)
 
 # How long to wait when the leadership view hands back a scope that was already used.
 _STALE_SCOPE_RETRY_DELAY = 0.1
@@ -79,16 +88,40 @@ class LeadershipView(Protocol):
         ...
 
 
-class ReservedIPProvider(Protocol):
-    """The provider calls the assigner uses; `DigitalOceanClient` implements them."""
+class SharedLeadership:
+    """One node's leadership handed to several assigners (one per address).
 
-    async def get_reserved_ip(self, ip: str) -> ReservedIP: ...
+    A trio cancel scope can be entered once, so each assigner gets a scope of its own
+    for each term; `ended()` cancels them all. The node's event listener calls it in the
+    same step in which the node cancels its own term scope (`LostLeadership`), so every
+    assigner stops at the same instant a single one would.
+    """
 
-    async def assign(self, ip: str, droplet_id: int) -> Action: ...
+    def __init__(self, view: LeadershipView) -> None:
+        self._view = view
+        self._term: trio.CancelScope | None = None
+        self._scopes: list[trio.CancelScope] = []
 
-    async def get_ip_action(self, ip: str, action_id: int, *, fallback: bool = True) -> Action: ...
+    def is_leader(self) -> bool:
+        return self._view.is_leader()
 
-    async def get_action(self, action_id: int) -> Action: ...
+    async def wait_until_leader(self) -> trio.CancelScope:
+        while True:
+            term = await self._view.wait_until_leader()
+            if not term.cancel_called:
+                break
+            await trio.sleep(_STALE_SCOPE_RETRY_DELAY)  # the view has not caught up yet
+        if term is not self._term:
+            self._term, self._scopes = term, []
+        scope = trio.CancelScope()
+        self._scopes.append(scope)
+        return scope
+
+    def ended(self) -> None:
+        """Leadership was lost: cancel every scope handed out for the term."""
+        for scope in self._scopes:
+            scope.cancel()
+        self._scopes = []
 
 
 class RefreshableToken(Protocol):
@@ -102,7 +135,8 @@ class RefreshableToken(Protocol):
         ...
 
     def refresh(self) -> bool:
-        """Re-read the token; True when it changed. Raises TokenError, keeping the old one."""
+        """Re-read the token; True when it changed. Raises CredentialError, keeping the old
+        one."""
         ...
 
 
@@ -116,6 +150,11 @@ class AssignerObserver(Protocol):
     def assignment_finished(self, seconds: float, outcome: str) -> None:
         """An assignment ended; outcome is completed/errored/timeout/unknown/failed/cancelled."""
         ...
+
+
+AddressEvent = Literal["address_gained", "address_lost"]
+AddressListener = Callable[[AddressEvent], None]
+"""Told, synchronously, when this node gains or loses the address (see `Assigner`)."""
 
 
 class AssignerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
@@ -288,9 +327,11 @@ class ErrorRecord(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class AssignerSnapshot(msgspec.Struct, frozen=True, kw_only=True):
-    """What `/status` shows about the IP. Times are epoch seconds."""
+    """What `/status` shows about one address. Times are epoch seconds. The address is
+    "here" when `leading` and `holder_droplet_id == droplet_id`."""
 
     reserved_ip: str
+    family: Family
     droplet_id: int
     leading: bool
     holder_droplet_id: int | None
@@ -301,6 +342,38 @@ class AssignerSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     consecutive_failures: int
     requests_last_minute: int
     requests_last_hour: int
+
+
+class _Hooks:
+    """The assigner's side of each provider request: the budget before, the observer after.
+
+    `prepaid`: the first request's budget was already taken (the assign, whose budget is
+    taken before the last-moment leadership check, so nothing awaits between that check
+    and the request leaving).
+    """
+
+    def __init__(
+        self,
+        budget: RequestBudget,
+        observer: AssignerObserver | None,
+        *,
+        urgent: bool,
+        prepaid: bool = False,
+    ) -> None:
+        self._budget = budget
+        self._observer = observer
+        self._urgent = urgent
+        self._prepaid = prepaid
+
+    async def before(self) -> None:
+        if self._prepaid:
+            self._prepaid = False
+            return
+        await self._budget.acquire(urgent=self._urgent)
+
+    def after(self, endpoint: str, status: str) -> None:
+        if self._observer is not None:
+            self._observer.api_request(endpoint, status)
 
 
 class Assigner:
@@ -314,7 +387,7 @@ class Assigner:
 
     def __init__(
         self,
-        client: ReservedIPProvider,
+        provider: Provider,
         reserved_ip: str,
         droplet_id: int,
         leadership: LeadershipView,
@@ -325,27 +398,38 @@ class Assigner:
         budget: RequestBudget | None = None,
         wall_clock: Callable[[], float] = time.time,
         tokens: RefreshableToken | None = None,
+        budget_shares: int = 1,
+        on_event: AddressListener | None = None,
     ) -> None:
         if droplet_id <= 0:
             raise ValueError("droplet_id must be a positive integer")
-        self._client = client
+        self._provider = provider
         self._ip = reserved_ip
         self._droplet_id = droplet_id
         self._leadership = leadership
         self._settings = settings
         self._rng = rng
         self._observer = observer
-        self._budget = budget or RequestBudget(
-            settings.requests_per_minute, settings.requests_per_hour
-        )
+        if budget_shares < 1:
+            raise ValueError("budget_shares must be >= 1")
+        self._shares = budget_shares
+        self._budget = budget or RequestBudget(*self._limits(settings))
+        self._family: Family = "ipv6" if ipaddress.ip_address(reserved_ip).version == 6 else "ipv4"
+        self._on_event = on_event
+        # The last address event of this term (None: none yet).
+        self._announced: AddressEvent | None = None
         self._wall_clock = wall_clock
         self._tokens = tokens
         self._token_problem: str | None = None  # the last token re-read error logged
         self._retry_now = trio.Event()
-        self._log_fields = {"reserved_ip": reserved_ip, "droplet_id": droplet_id}
+        self._log_fields: dict[str, object] = {
+            "reserved_ip": reserved_ip,
+            "droplet_id": droplet_id,
+        }
         # State for /status.
         self._leading = False
-        self._holder: ReservedIP | None = None
+        self._leading_term = False  # a term began and `leadership_lost` has not run
+        self._holder: Holding | None = None
         self._holder_read_at: float | None = None
         self._last_assignment: AssignmentRecord | None = None
         self._last_error: ErrorRecord | None = None
@@ -356,12 +440,38 @@ class Assigner:
     def update_settings(self, settings: AssignerSettings) -> None:
         """A reload: intervals and delays apply from the next wait, budget limits at once."""
         self._settings = settings
-        self._budget.set_limits(settings.requests_per_minute, settings.requests_per_hour)
+        self._budget.set_limits(*self._limits(settings))
+
+    def _limits(self, settings: AssignerSettings) -> tuple[int, int]:
+        """This address's share of the node's budget (each of `budget_shares` addresses
+        gets an equal part, so all of them together stay within the node's)."""
+        return (
+            max(1, settings.requests_per_minute // self._shares),
+            max(1, settings.requests_per_hour // self._shares),
+        )
+
+    def leadership_lost(self) -> None:
+        """The node stopped leading: if this term's last word was not already "lost", say
+        `address_lost` (it held the address or was working towards it). Idempotent; the
+        node's event listener calls it at once, and `run()` again when its scope ends."""
+        if self._leading_term and self._announced != "address_lost":
+            self._announce("address_lost")
+        self._leading_term = False
+
+    def _announce(self, event: AddressEvent) -> None:
+        self._announced = event
+        logger.info(
+            "address gained" if event == "address_gained" else "address lost",
+            extra={**self._log_fields, "event": event, "family": self._family},
+        )
+        if self._on_event is not None:
+            self._on_event(event)
 
     def snapshot(self) -> AssignerSnapshot:
         minute, hour = self._budget.used()
         return AssignerSnapshot(
             reserved_ip=self._ip,
+            family=self._family,
             droplet_id=self._droplet_id,
             leading=self._leading,
             holder_droplet_id=None if self._holder is None else self._holder.droplet_id,
@@ -391,13 +501,15 @@ class Assigner:
                 await trio.sleep(_STALE_SCOPE_RETRY_DELAY)
                 continue
             used = scope
-            self._leading = True
+            self._leading = self._leading_term = True
+            self._announced = None
             logger.info("gained leadership: taking the reserved IP", extra=self._log_fields)
             try:
                 with scope:
                     await self._lead()
             finally:
                 self._leading = False
+                self.leadership_lost()
             logger.info("leadership lost: assigner stopped", extra=self._log_fields)
             # A misbehaving view returning cancelled scopes in a row must not spin us hot.
             await trio.lowlevel.checkpoint()
@@ -414,6 +526,12 @@ class Assigner:
                 await self._back_off(exc)
                 continue
             here = holder.droplet_id == self._droplet_id
+            # `_leading_term` is False once the node said it lost leadership, even if this
+            # read's answer arrived in the same instant: never announce after that.
+            if here and self._leading_term and self._announced != "address_gained":
+                self._announce("address_gained")
+            elif not here and self._announced == "address_gained":
+                self._announce("address_lost")  # seen pointing elsewhere
             if here:
                 await trio.sleep(self._reconcile_delay())
                 continue
@@ -456,9 +574,10 @@ class Assigner:
             else:
                 last_assign_started = attempt_started
 
-    async def _read_holder(self, *, urgent: bool) -> ReservedIP:
-        await self._budget.acquire(urgent=urgent)
-        holder = await self._request("get_reserved_ip", self._client.get_reserved_ip(self._ip))
+    async def _read_holder(self, *, urgent: bool) -> Holding:
+        holder = await self._request(
+            self._provider.read(self._ip, _Hooks(self._budget, self._observer, urgent=urgent))
+        )
         self._holder = holder
         self._holder_read_at = self._wall_clock()
         return holder
@@ -472,7 +591,11 @@ class Assigner:
         try:
             try:
                 action = await self._request(
-                    "assign", self._client.assign(self._ip, self._droplet_id)
+                    self._provider.assign(
+                        self._ip,
+                        self._droplet_id,
+                        _Hooks(self._budget, self._observer, urgent=True, prepaid=True),
+                    )
                 )
             except ProviderError:
                 outcome = "failed"
@@ -497,7 +620,7 @@ class Assigner:
             extra={**self._log_fields, "outcome": outcome, "duration_seconds": duration},
         )
 
-    async def _follow(self, action: Action) -> str:
+    async def _follow(self, action: Operation) -> str:
         """Poll the action until it ends, it vanishes (404) or `action_timeout` passes.
 
         Returns `completed`, `errored`, `timeout`, or `unknown` (vanished, or ended with a
@@ -507,7 +630,11 @@ class Assigner:
             while not action.done:
                 await trio.sleep(self._settings.action_poll_interval)
                 try:
-                    action = await self._poll_action(action.id)
+                    action = await self._request(
+                        self._provider.follow(
+                            self._ip, action, _Hooks(self._budget, self._observer, urgent=False)
+                        )
+                    )
                 except NotFound:
                     # Some actions are not (yet) visible by id; the IP itself is the truth.
                     return "unknown"
@@ -524,26 +651,12 @@ class Assigner:
             return action.status
         return "timeout"
 
-    async def _poll_action(self, action_id: int) -> Action:
-        await self._budget.acquire()
-        try:
-            return await self._request(
-                "get_ip_action", self._client.get_ip_action(self._ip, action_id, fallback=False)
-            )
-        except NotFound:
-            await self._budget.acquire()
-            return await self._request("get_action", self._client.get_action(action_id))
-
     # ------------------------------------------------------------------ helpers
 
-    async def _request(self, endpoint: str, call: Awaitable[_Result]) -> _Result:
-        """Await one provider call, telling the observer its status, and count failures."""
-        try:
-            result = await call
-        except ProviderError as exc:
-            if self._observer is not None:
-                self._observer.api_request(endpoint, exc.status_label)
-            raise
+    async def _request(self, call: Awaitable[_Result]) -> _Result:
+        """Await one provider call (its requests reach the observer through `_Hooks`) and
+        count failures."""
+        result = await call
         if self._last_error is not None:
             logger.info(
                 "DigitalOcean API answering again; last error cleared",
@@ -555,14 +668,12 @@ class Assigner:
             )
             self._last_error = None
         self._failures = 0
-        if self._observer is not None:
-            self._observer.api_request(endpoint, str(result.http_status))
         return result
 
     async def _back_off(self, exc: ProviderError) -> None:
         """Wait as long as `exc` calls for; a config error's wait ends once a fix is likely."""
         delay = self._delay_after(exc)
-        if isinstance(exc, Unauthorized | NotFound):
+        if isinstance(exc, Rejected | NotFound):
             await self._wait_for_fix(delay)
         else:
             await trio.sleep(delay)
@@ -606,7 +717,7 @@ class Assigner:
             return False
         try:
             changed = self._tokens.refresh()
-        except TokenError as exc:
+        except CredentialError as exc:
             if str(exc) != self._token_problem:
                 self._token_problem = str(exc)
                 logger.error(
@@ -621,25 +732,25 @@ class Assigner:
         """Record the error, log it, and say how long to wait before trying again."""
         self._failures += 1
         self._last_error = ErrorRecord(
-            type=type(exc).__name__, message=str(exc), status=exc.status, at=self._wall_clock()
+            type=exc.origin, message=str(exc), status=exc.status, at=self._wall_clock()
         )
         fields = {
             **self._log_fields,
-            "error_type": type(exc).__name__,
+            "error_type": exc.origin,
             "status": exc.status_label,
             "reason": str(exc),
             "consecutive_failures": self._failures,
         }
         settings = self._settings
-        if isinstance(exc, Unauthorized | NotFound):
-            if isinstance(exc, Unauthorized) and self._refresh_token():
+        if isinstance(exc, Rejected | NotFound):
+            if isinstance(exc, Rejected) and self._refresh_token():
                 logger.warning(
                     "DigitalOcean API: token rejected; token_file holds a new token, "
                     "retrying with it",
                     extra=fields,
                 )
                 return 0.0
-            what = "token rejected" if isinstance(exc, Unauthorized) else "not found"
+            what = "token rejected" if isinstance(exc, Rejected) else "not found"
             logger.error(
                 f"DigitalOcean API: {what}; check the token, reserved IP and droplet id "
                 f"(retrying in {settings.config_error_retry_interval:g} s, or as soon as "
@@ -647,7 +758,7 @@ class Assigner:
                 extra=fields,
             )
             return settings.config_error_retry_interval
-        if isinstance(exc, Unprocessable):
+        if isinstance(exc, Busy):
             logger.warning("DigitalOcean API: 422, an action is in progress; waiting", extra=fields)
             return self._unprocessable_delay()
         if isinstance(exc, RateLimited) and exc.retry_after is not None:

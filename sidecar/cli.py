@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import trio
 
 from sidecar import __version__, config, files, localcluster, logs, service
-from sidecar.digitalocean import TOKEN_ENV_VAR, TokenError, TokenSource
 from sidecar.protocol import generate_cluster_key
+from sidecar.providers.digitalocean import TOKEN_ENV_VAR, TokenError, TokenSource
 
 log = logging.getLogger("sidecar")
 
@@ -185,8 +185,8 @@ def _check_config(args: argparse.Namespace) -> int:
         f"  profile {loaded.profile}: heartbeat {timing.heartbeat_interval}s, "
         f"lease {timing.lease_timeout}s, preempt {timing.preempt} after {timing.preempt_delay}s"
     )
-    if loaded.floating_ip is not None:
-        print(f"  floating IP {loaded.floating_ip.address}")
+    for managed in loaded.addresses:
+        print(f"  address {managed.address} ({managed.family})")
     eligible = sum(m.eligible for m in loaded.members)
     if eligible < loaded.quorum:
         print(

@@ -28,11 +28,12 @@ from typing import Any, Literal
 import msgspec
 
 from sidecar.assigner import AssignerSettings
-from sidecar.digitalocean import DigitalOceanSettings
 from sidecar.election import Member, Timing
 from sidecar.health import HealthSettings
-from sidecar.hooks import HookSettings
+from sidecar.hooks import HOOK_KEYS, HookSettings
 from sidecar.protocol import membership_digest, parse_cluster_key
+from sidecar.providers.base import Family
+from sidecar.providers.digitalocean import DigitalOceanSettings
 
 ENV_PREFIX = "FIP_SIDECAR_"
 
@@ -111,6 +112,20 @@ class FloatingIpSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=Tru
     droplet_id: int | None = None  # None: ask the metadata service
 
 
+class AddressSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
+    """One `[[addresses]]` entry: a reserved IPv4 or IPv6 address the leader holds."""
+
+    address: str
+
+
+@dataclass(frozen=True)
+class ManagedAddress:
+    """A reserved address as the runtime uses it: normalised text and its family."""
+
+    address: str
+    family: Family
+
+
 class FileSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
     """The file's shape, exactly as an operator writes it."""
 
@@ -133,6 +148,10 @@ class FileSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fro
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     floating_ip: FloatingIpSettings | None = None
     reserved_ip: FloatingIpSettings | None = None  # the API's newer name; same meaning
+    #: Several addresses (IPv4 and/or IPv6), instead of one `[floating_ip]`.
+    addresses: list[AddressSettings] | None = None
+    #: This droplet's id for `[[addresses]]` (None: ask the metadata service).
+    droplet_id: int | None = None
     digitalocean: DigitalOceanSettings = msgspec.field(default_factory=DigitalOceanSettings)
     assigner: AssignerSettings = msgspec.field(default_factory=AssignerSettings)
     health: HealthSettings = msgspec.field(default_factory=HealthSettings)
@@ -163,6 +182,7 @@ class Config:
     profile: str
     max_clock_skew: float
     log_level: str
+    #: The first managed address and the droplet id: what the single-address code reads.
     floating_ip: FloatingIpSettings | None
     digitalocean: DigitalOceanSettings
     assigner: AssignerSettings
@@ -174,6 +194,8 @@ class Config:
     memberships: tuple[frozenset[int], ...] = ()
     #: The cluster key file as resolved (None when the key came from the environment).
     cluster_key_file: Path | None = None
+    #: Every reserved address the leader holds, in config order (the first is `floating_ip`).
+    addresses: tuple[ManagedAddress, ...] = ()
 
     @property
     def members(self) -> list[Member]:
@@ -312,9 +334,7 @@ def _resolve_paths(raw: FileSettings, base_dir: Path) -> FileSettings:
         ),
         hooks=msgspec.structs.replace(
             hooks,
-            on_gained=_resolve_program(base_dir, hooks.on_gained),
-            on_lost=_resolve_program(base_dir, hooks.on_lost),
-            on_leader_change=_resolve_program(base_dir, hooks.on_leader_change),
+            **{key: _resolve_program(base_dir, getattr(hooks, key)) for key in HOOK_KEYS},
         ),
     )
 
@@ -421,19 +441,65 @@ def load(
     return _validate(raw, path, env)
 
 
-def _validate(raw: FileSettings, path: Path, env: Mapping[str, str]) -> Config:
-    raw = _resolve_paths(raw, path.absolute().parent)
+def _managed_address(text: str, key: str) -> ManagedAddress:
+    try:
+        parsed = ipaddress.ip_address(text)
+    except ValueError:
+        raise ConfigError(f"{key}: {text!r} is not an IPv4 or IPv6 address") from None
+    return ManagedAddress(parsed.compressed, "ipv4" if parsed.version == 4 else "ipv6")
+
+
+def _addresses(raw: FileSettings) -> tuple[tuple[ManagedAddress, ...], FloatingIpSettings | None]:
+    """The managed addresses (either one `[floating_ip]`/`[reserved_ip]` or a list of
+    `[[addresses]]`) and the single-address view of them (first address, droplet id)."""
     if raw.floating_ip is not None and raw.reserved_ip is not None:
         raise ConfigError("reserved_ip: give either [floating_ip] or [reserved_ip], not both")
-    floating_ip = raw.floating_ip or raw.reserved_ip
-    if floating_ip is not None:
-        section = "floating_ip" if raw.floating_ip else "reserved_ip"
-        try:
-            ipaddress.IPv4Address(floating_ip.address)
-        except ValueError:
+    single = raw.floating_ip or raw.reserved_ip
+    section = "floating_ip" if raw.floating_ip else "reserved_ip"
+    if single is not None and raw.addresses is not None:
+        raise ConfigError(
+            f"addresses: give either [{section}] or [[addresses]], not both "
+            "(list every address under [[addresses]])"
+        )
+    if single is not None:
+        if raw.droplet_id is not None:
+            raise ConfigError(f"droplet_id: with [{section}], set {section}.droplet_id instead")
+        managed = _managed_address(single.address, f"{section}.address")
+        return (managed,), msgspec.structs.replace(single, address=managed.address)
+    if raw.addresses is None:
+        if raw.droplet_id is not None:
+            raise ConfigError("droplet_id: set only with [[addresses]] (no address is listed)")
+        return (), None
+    if not raw.addresses:
+        raise ConfigError("addresses: the list is empty; list at least one address or drop it")
+    result: list[ManagedAddress] = []
+    for index, entry in enumerate(raw.addresses):
+        managed = _managed_address(entry.address, f"addresses[{index}].address")
+        if managed in result:
             raise ConfigError(
-                f"{section}.address: {floating_ip.address!r} is not an IPv4 address"
-            ) from None
+                f"addresses[{index}].address: {managed.address} is already "
+                f"addresses[{result.index(managed)}]; list each address once"
+            )
+        result.append(managed)
+    first = FloatingIpSettings(address=result[0].address, droplet_id=raw.droplet_id)
+    return tuple(result), first
+
+
+def _check_budget(raw: FileSettings, addresses: int) -> None:
+    """Each address gets an equal share of the node's request budget: at least one each."""
+    for key in ("requests_per_minute", "requests_per_hour"):
+        limit = getattr(raw.assigner, key)
+        if addresses > limit:
+            raise ConfigError(
+                f"assigner.{key}: {limit} cannot be shared by {addresses} addresses "
+                "(each needs at least one request); raise it"
+            )
+
+
+def _validate(raw: FileSettings, path: Path, env: Mapping[str, str]) -> Config:
+    raw = _resolve_paths(raw, path.absolute().parent)
+    managed, floating_ip = _addresses(raw)
+    _check_budget(raw, len(managed))
     if not raw.max_clock_skew > 0:
         raise ConfigError("max_clock_skew: must be > 0 seconds")
     addresses = _check_membership(raw)
@@ -460,4 +526,5 @@ def _validate(raw: FileSettings, path: Path, env: Mapping[str, str]) -> Config:
         source=str(path),
         cluster_name=raw.cluster_name,
         memberships=_memberships(raw),
+        addresses=managed,
     )

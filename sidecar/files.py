@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from sidecar.config import Config
+from sidecar.hooks import HOOK_KEYS
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,7 @@ def referenced_files(config: Config) -> list[FileUse]:
         uses.append(FileUse("digitalocean.ca_file", do.ca_file, "read"))
     commands = {
         "health.command": config.health.command,
-        "hooks.on_gained": config.hooks.on_gained,
-        "hooks.on_lost": config.hooks.on_lost,
-        "hooks.on_leader_change": config.hooks.on_leader_change,
+        **{f"hooks.{key}": getattr(config.hooks, key) for key in HOOK_KEYS},
     }
     for key, argv in commands.items():
         if argv:

@@ -1,4 +1,4 @@
-"""Notify hooks: user commands run when this node gains or loses leadership.
+"""Notify hooks: user commands run when this node gains or loses leadership or an address.
 
 Like keepalived's `notify_master` / `notify_backup` scripts, hooks let an operator do
 something local when the role changes: warm a cache, flip a feature flag, page someone.
@@ -14,12 +14,20 @@ state it is told about (FIP_ROLE, FIP_LEADER_ID), never on counting events.
 Each hook sees the sidecar's environment minus anything secret (see
 `processes.sanitized_environment`), plus:
 
-    FIP_EVENT        gained | lost | leader_change
+    FIP_EVENT        gained | lost | leader_change | address_gained | address_lost
     FIP_ROLE         leader | follower | candidate (the role after the event)
     FIP_TERM         the election term
     FIP_LEADER_ID    the leader's node id, empty when there is none
     FIP_NODE_ID      this node's id
-    FIP_FLOATING_IP  the reserved IP address, empty when none is configured
+    FIP_FLOATING_IP  the first configured address, empty when none is configured
+    FIP_ADDRESS      the address of an address_* event (empty for the others)
+    FIP_FAMILY       ipv4 | ipv6, the family of FIP_ADDRESS (empty for the others)
+
+The address events are per address and come from its assigner: `address_gained` once it
+has read the address pointing at this droplet (the moment to add an IPv6 /128 or point
+the default route at the anchor gateway), `address_lost` when this node stops leading
+after holding or working towards the address, or reads it pointing elsewhere (the moment
+to undo that). Scripts must be idempotent: a lost may come without a gained before it.
 """
 
 from __future__ import annotations
@@ -40,10 +48,13 @@ from sidecar.processes import run_process_group, sanitized_environment, summariz
 
 logger = logging.getLogger(__name__)
 
-HookEvent = Literal["gained", "lost", "leader_change"]
+HookEvent = Literal["gained", "lost", "leader_change", "address_gained", "address_lost"]
 HookOutcome = Literal["ok", "failed", "timeout", "dropped"]
 EVENTS: Final[tuple[HookEvent, ...]] = get_args(HookEvent)
 OUTCOMES: Final[tuple[HookOutcome, ...]] = get_args(HookOutcome)
+
+#: The `[hooks]` keys that hold a command, one per event.
+HOOK_KEYS: Final[tuple[str, ...]] = tuple(f"on_{event}" for event in EVENTS)
 
 #: How much of a hook's output is kept (bytes) and how much of it is logged (characters).
 HOOK_OUTPUT_LIMIT = 16 * 1024
@@ -63,13 +74,17 @@ class HookSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fro
     """Run when this node stops being leader (including when it resigns)."""
     on_leader_change: tuple[str, ...] | None = None
     """Run on this node whenever the cluster's leader changes (or is lost)."""
+    on_address_gained: tuple[str, ...] | None = None
+    """Run when an address was read pointing at this droplet (once per address and term)."""
+    on_address_lost: tuple[str, ...] | None = None
+    """Run when this node stops holding (or working towards) an address."""
     hook_timeout: float = 10.0
     """Seconds a hook may run before it is killed."""
     max_queue: int = 16
     """Pending events kept while a hook runs; beyond it the oldest is dropped."""
 
     def __post_init__(self) -> None:
-        for name in ("on_gained", "on_lost", "on_leader_change"):
+        for name in HOOK_KEYS:
             argv = getattr(self, name)
             if argv is not None and (not argv or not argv[0]):
                 raise ValueError(f"hooks.{name} must be a non-empty argv list")
@@ -79,11 +94,8 @@ class HookSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, fro
             raise ValueError("hooks.max_queue must be >= 1")
 
     def command_for(self, event: HookEvent) -> tuple[str, ...] | None:
-        return {
-            "gained": self.on_gained,
-            "lost": self.on_lost,
-            "leader_change": self.on_leader_change,
-        }[event]
+        command: tuple[str, ...] | None = getattr(self, f"on_{event}")
+        return command
 
 
 @dataclass(frozen=True)
@@ -96,6 +108,8 @@ class PendingHook:
     leader_id: int | None
     argv: tuple[str, ...]
     queued_at: float  # trio.current_time()
+    address: str = ""
+    family: str = ""
 
 
 class HookResult(msgspec.Struct, kw_only=True, frozen=True):
@@ -135,10 +149,20 @@ class HookRunner:
         self._counts: Counter[tuple[HookEvent, HookOutcome]] = Counter()
         self.last_result: HookResult | None = None
 
-    def notify(self, event: HookEvent, role: str, term: int, leader_id: int | None) -> None:
+    def notify(
+        self,
+        event: HookEvent,
+        role: str,
+        term: int,
+        leader_id: int | None,
+        *,
+        address: str = "",
+        family: str = "",
+    ) -> None:
         """Queue the hook for `event`, if one is configured. Never blocks or awaits.
 
-        A full queue drops its oldest entry (counted as "dropped") to make room.
+        `address` and `family` belong to the address events. A full queue drops its
+        oldest entry (counted as "dropped") to make room.
         """
         if event not in EVENTS:
             raise ValueError(f"unknown hook event {event!r}; expected one of {EVENTS}")
@@ -164,6 +188,8 @@ class HookRunner:
                 leader_id=leader_id,
                 argv=argv,
                 queued_at=trio.current_time(),
+                address=address,
+                family=family,
             )
         )
         self._wakeup.set()
@@ -204,6 +230,8 @@ class HookRunner:
             "FIP_LEADER_ID": "" if hook.leader_id is None else str(hook.leader_id),
             "FIP_NODE_ID": str(self.node_id),
             "FIP_FLOATING_IP": self.floating_ip or "",
+            "FIP_ADDRESS": hook.address,
+            "FIP_FAMILY": hook.family,
         }
 
     async def _execute(self, hook: PendingHook) -> None:
@@ -214,6 +242,7 @@ class HookRunner:
             "term": hook.term,
             "leader": hook.leader_id,
             "command": shlex.join(hook.argv),
+            "address": hook.address or None,
             "queued_for": round(started - hook.queued_at, 3),
         }
         outcome: HookOutcome

@@ -45,6 +45,7 @@ TimingValue = float | bool
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_RESERVED_IP = "203.0.113.10"
+DEFAULT_RESERVED_IPV6 = "2001:db8::10"
 #: Droplet ids are config values (`floating_ip.droplet_id`), distinct from node ids on purpose.
 DROPLET_ID_BASE = 1000
 ELIGIBLE_REGION = "nyc1"
@@ -262,6 +263,8 @@ class LocalCluster:
     configures `[floating_ip]`, `[digitalocean]` and an HTTP `[health]` check per node;
     `health` and `assigner` add keys to those nodes' `[health]` and `[assigner]` sections.
     `hooks` is every node's `[hooks]` section (e.g. `{"on_gained": [...]}`).
+    `reserved_ipv6` adds a reserved IPv6 beside the IPv4 (`[[addresses]]` in each config,
+    a second edge on `::1` at `edge6_url`).
     """
 
     def __init__(
@@ -277,6 +280,7 @@ class LocalCluster:
         assigner: Mapping[str, object] | None = None,
         hooks: Mapping[str, object] | None = None,
         reserved_ip: str = DEFAULT_RESERVED_IP,
+        reserved_ipv6: str | None = None,
         emulator_flags: Sequence[str] = ("--action-seconds", "0.5"),
         log_level: str = "info",
         ready_timeout: float = 20.0,
@@ -301,6 +305,8 @@ class LocalCluster:
         self.assigner = dict(assigner or {})
         self.hooks = dict(hooks or {})
         self.reserved_ip = reserved_ip
+        self.reserved_ipv6 = reserved_ipv6
+        self.edge6_url: str | None = None
         self.emulator_flags = tuple(emulator_flags)
         self.log_level = log_level
         self.ready_timeout = ready_timeout
@@ -405,9 +411,14 @@ class LocalCluster:
         if self.with_ip:
             if self.emulator_url is None:
                 raise ClusterError("start the emulator before writing configs with an IP")
-            lines += _toml_table(
-                "floating_ip", {"address": self.reserved_ip, "droplet_id": me.droplet_id}
-            )
+            if self.reserved_ipv6 is None:
+                lines += _toml_table(
+                    "floating_ip", {"address": self.reserved_ip, "droplet_id": me.droplet_id}
+                )
+            else:
+                lines.insert(1, f"droplet_id = {me.droplet_id}")  # a top-level key
+                for address in (self.reserved_ip, self.reserved_ipv6):
+                    lines += ["[[addresses]]", f'address = "{address}"', ""]
             lines += _toml_table(
                 "digitalocean",
                 {
@@ -742,20 +753,31 @@ class LocalCluster:
             raise ClusterError(f"unexpected history from the emulator: {history!r}")
         return history
 
-    def holder(self) -> int | None:
-        """The droplet holding the reserved IP now, by the emulator's history (None: none)."""
-        history = self.emulator_history()
+    def holder(self, ip: str | None = None) -> int | None:
+        """The droplet holding `ip` (default: the reserved IPv4) now, by the emulator's
+        history (None: none)."""
+        history = self._history_of(ip)
         return history[-1]["droplet_id"] if history else None
 
+    def _history_of(self, ip: str | None) -> list[dict[str, Any]]:
+        wanted = self.reserved_ip if ip is None else ip
+        return [e for e in self.emulator_history() if e.get("reserved_ip") == wanted]
+
     def wait_for_holder(
-        self, droplet_id: int, *, since: float = -math.inf, timeout: float = 20.0
+        self,
+        droplet_id: int,
+        *,
+        since: float = -math.inf,
+        timeout: float = 20.0,
+        ip: str | None = None,
     ) -> dict[str, Any]:
-        """The history entry that gave the IP to `droplet_id`, completed after `since`
-        (CLOCK_MONOTONIC), once it is also the current holder; bounded by `timeout`."""
+        """The history entry that gave `ip` (default: the reserved IPv4) to `droplet_id`,
+        completed after `since` (CLOCK_MONOTONIC), once it is also the current holder;
+        bounded by `timeout`."""
         deadline = time.monotonic() + timeout
         history: list[dict[str, Any]] = []
         while True:
-            history = self.emulator_history()
+            history = self._history_of(ip)
             if history and history[-1]["droplet_id"] == droplet_id:
                 entry = history[-1]
                 if entry["completed_monotonic"] > since:
@@ -864,6 +886,13 @@ class LocalCluster:
             f"{self.reserved_ip}={ELIGIBLE_REGION}",
             *self.emulator_flags,
         ]
+        if self.reserved_ipv6 is not None:
+            argv += [
+                "--reserved-ip",
+                f"{self.reserved_ipv6}={ELIGIBLE_REGION}",
+                "--edge6-listen",
+                "[::1]:0",
+            ]
         for member in self.members.values():
             argv += [
                 "--droplet",
@@ -874,6 +903,7 @@ class LocalCluster:
         words = line.split()
         self.emulator_url = words[3]
         self.edge_url = words[words.index("edge") + 2] if "edge" in words else None
+        self.edge6_url = words[words.index("edge6") + 2] if "edge6" in words else None
 
 
 # ---------------------------------------------------------------------- the demo

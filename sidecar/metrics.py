@@ -7,8 +7,8 @@ counters (API requests, hooks) are observed as they happen.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from typing import Protocol
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -18,6 +18,9 @@ from sidecar.election import Role, View
 from sidecar.health import HealthChecker
 from sidecar.hooks import HookRunner
 from sidecar.protocol import DropReason
+
+if TYPE_CHECKING:  # the assigner runs only on a node that manages an address
+    from sidecar.assigner import AssignerSnapshot
 
 _RTT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 _ASSIGN_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120)
@@ -140,6 +143,46 @@ class _HookCollector(Collector):
         yield runs
 
 
+class _AddressCollector(Collector):
+    """Per address, read from its assigner at scrape time: is it here, and who holds it."""
+
+    def __init__(self, snapshots: Callable[[], Sequence[AssignerSnapshot]]) -> None:
+        self._snapshots = snapshots
+
+    def collect(self) -> Iterator[Metric]:
+        here = GaugeMetricFamily(
+            "fip_address_here",
+            "1 while this node leads and the address was last read pointing at its droplet",
+            labels=["address", "family"],
+        )
+        failures = GaugeMetricFamily(
+            "fip_address_consecutive_failures",
+            "API failures in a row for the address (0 once a request succeeds)",
+            labels=["address", "family"],
+        )
+        for snap in self._snapshots():
+            labels = [snap.reserved_ip, snap.family]
+            held = snap.leading and snap.holder_droplet_id == snap.droplet_id
+            here.add_metric(labels, 1 if held else 0)
+            failures.add_metric(labels, snap.consecutive_failures)
+        yield here
+        yield failures
+
+
+class AddressObserver:
+    """The assigner's observer for one address: its requests and assignments, labelled."""
+
+    def __init__(self, metrics: Metrics, address: str) -> None:
+        self._metrics = metrics
+        self._address = address
+
+    def api_request(self, endpoint: str, status: str) -> None:
+        self._metrics.api_requests.labels(endpoint, status, self._address).inc()
+
+    def assignment_finished(self, seconds: float, outcome: str) -> None:
+        self._metrics.assignment_duration.labels(outcome, self._address).observe(seconds)
+
+
 _COUNTERS = {
     "packets_received": "Authenticated packets accepted",
     "packets_sent": "Packets sent to peers",
@@ -165,14 +208,14 @@ class Metrics:
         )
         self.api_requests = Counter(
             "fip_api_requests",
-            "DigitalOcean API requests by endpoint and status code",
-            ["endpoint", "code"],
+            "DigitalOcean API requests by endpoint, status code and address",
+            ["endpoint", "code", "address"],
             registry=self.registry,
         )
         self.assignment_duration = Histogram(
             "fip_assignment_duration_seconds",
-            "From the assign request to the action's end",
-            ["outcome"],
+            "From the assign request to the action's end, by outcome and address",
+            ["outcome", "address"],
             buckets=_ASSIGN_BUCKETS,
             registry=self.registry,
         )
@@ -198,9 +241,9 @@ class Metrics:
     def watch_hooks(self, hooks: HookRunner) -> None:
         self.registry.register(_HookCollector(hooks))
 
-    # The observer methods the assigner and hooks call (see their Protocols).
-    def api_request(self, endpoint: str, status: str) -> None:
-        self.api_requests.labels(endpoint, status).inc()
+    def watch_addresses(self, snapshots: Callable[[], Sequence[AssignerSnapshot]]) -> None:
+        self.registry.register(_AddressCollector(snapshots))
 
-    def assignment_finished(self, seconds: float, outcome: str) -> None:
-        self.assignment_duration.labels(outcome).observe(seconds)
+    def for_address(self, address: str) -> AddressObserver:
+        """The observer one address's assigner reports to (see `AssignerObserver`)."""
+        return AddressObserver(self, address)

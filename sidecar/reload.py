@@ -9,8 +9,9 @@ breaking a promise the node has already made to its peers or to the operator:
 * `timing` / `profile`: leases and promises are computed with these on *both* sides, and a
   follower promising for less time than its leader counts on would break the lease
   argument. All members must change them together, by restart.
-* `status_listen`, `floating_ip`, `digitalocean`: the sockets and the client are built at
-  start; changing them under the leader could strand an assignment in flight.
+* `status_listen`, `floating_ip`, `addresses`, `digitalocean`: the sockets, the client and
+  the assigners are built at start; changing them under the leader could strand an
+  assignment in flight.
 
 Everything else applies live: peer addresses (a replaced droplet), membership (through the
 joining/leaving procedure), the health check, hooks, the assigner's settings, the log level
@@ -33,6 +34,7 @@ RESTART_ONLY = (
     "profile",
     "status_listen",
     "floating_ip",
+    "addresses",
     "digitalocean",
 )
 

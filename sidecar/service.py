@@ -17,14 +17,26 @@ import msgspec
 import trio
 
 from sidecar import files
-from sidecar.assigner import Assigner
-from sidecar.config import Address, Config, ConfigError
-from sidecar.digitalocean import DigitalOceanClient, ProviderError, TokenError, TokenSource
+from sidecar.assigner import (
+    AddressEvent,
+    AddressListener,
+    Assigner,
+    AssignerSnapshot,
+    SharedLeadership,
+)
+from sidecar.config import Address, Config, ConfigError, ManagedAddress
 from sidecar.election import Event, GainedLeadership, LeaderChanged, LostLeadership
 from sidecar.health import HealthChecker
 from sidecar.hooks import HookRunner
 from sidecar.metrics import Metrics
 from sidecar.node import EventListener, Node
+from sidecar.providers.digitalocean import (
+    DigitalOceanClient,
+    DigitalOceanProvider,
+    ProviderError,
+    TokenError,
+    TokenSource,
+)
 from sidecar.reload import plan as reload_plan
 from sidecar.status import StatusApp, serve_status
 from sidecar.transport import bind_problem
@@ -62,6 +74,36 @@ def _hook_listener(hooks: HookRunner) -> EventListener:
     return on_event
 
 
+def _leadership_lost_listener(
+    leadership: SharedLeadership, assigners: list[Assigner]
+) -> EventListener:
+    """In the node's own `LostLeadership` step: stop every assigner, and have each queue
+    its `address_lost` beside the node's `lost`."""
+
+    def on_event(event: Event, node: Node) -> None:
+        if isinstance(event, LostLeadership):
+            leadership.ended()
+            for assigner in assigners:
+                assigner.leadership_lost()
+
+    return on_event
+
+
+def _address_listener(hooks: HookRunner, node: Node, address: ManagedAddress) -> AddressListener:
+    def on_event(event: AddressEvent) -> None:
+        view = node.view()
+        hooks.notify(
+            event,
+            str(view.role),
+            view.term,
+            view.leader_id,
+            address=address.address,
+            family=address.family,
+        )
+
+    return on_event
+
+
 async def _droplet_id(config: Config, client: DigitalOceanClient) -> int:
     assert config.floating_ip is not None
     if config.floating_ip.droplet_id is not None:
@@ -71,7 +113,8 @@ async def _droplet_id(config: Config, client: DigitalOceanClient) -> int:
             return await client.metadata_droplet_id()
     except (ProviderError, trio.TooSlowError) as exc:
         raise StartupError(
-            "floating_ip.droplet_id: not set and the metadata service did not answer "
+            "floating_ip.droplet_id (droplet_id with [[addresses]]): not set and the "
+            "metadata service did not answer "
             f"({exc}); set it, or check digitalocean.metadata_url"
         ) from None
 
@@ -126,8 +169,8 @@ async def serve(config: Config, *, reload: Callable[[], Config] | None = None) -
         nursery.start_soon(hooks.run)
         if tokens is not None:
             running.tokens = tokens
-            running.assigner = await nursery.start(
-                _run_assigner, config, tokens, node, metrics, app
+            running.assigners = await nursery.start(
+                _run_assigners, config, tokens, node, metrics, app, hooks
             )
 
 
@@ -139,7 +182,7 @@ class _Running:
         self.node = node
         self.health = health
         self.hooks = hooks
-        self.assigner: Assigner | None = None
+        self.assigners: list[Assigner] = []
         self.tokens: TokenSource | None = None
         self.nursery: trio.Nursery | None = None
         self._health_scope = trio.CancelScope()
@@ -167,8 +210,8 @@ class _Running:
                 self.tokens.refresh()
             except TokenError as exc:
                 log.error("reload: token not re-read", extra={"event": "token", "error": str(exc)})
-        if self.assigner is not None:
-            self.assigner.retry_now()
+        for assigner in self.assigners:
+            assigner.retry_now()
 
     async def apply(self, new: Config) -> None:
         """Apply `new` if every difference can be applied live; else refuse it whole."""
@@ -192,8 +235,9 @@ class _Running:
             self.start_health()
         if "hooks" in change.live:
             self.hooks.settings = new.hooks
-        if "assigner" in change.live and self.assigner is not None:
-            self.assigner.update_settings(new.assigner)
+        if "assigner" in change.live:
+            for assigner in self.assigners:
+                assigner.update_settings(new.assigner)
         if "log_level" in change.live:
             logging.getLogger().setLevel(new.log_level.upper())
         self.config = new
@@ -222,31 +266,49 @@ async def _reload_on_signal(running: _Running, reload: Callable[[], Config]) -> 
             await running.apply(new)
 
 
-async def _run_assigner(
+async def _run_assigners(
     config: Config,
     tokens: TokenSource,
     node: Node,
     metrics: Metrics,
     app: StatusApp,
+    hooks: HookRunner,
     *,
-    task_status: trio.TaskStatus[Assigner] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[list[Assigner]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    assert config.floating_ip is not None
+    """One assigner per address, each its own task with its own share of the request
+    budget, so one failing address never holds up another; one client (one token)."""
     async with DigitalOceanClient(config.digitalocean, tokens) as client:
         droplet_id = await _droplet_id(config, client)
-        assigner = Assigner(
-            client,
-            config.floating_ip.address,
-            droplet_id,
-            node,
-            config.assigner,
-            random.Random(),
-            metrics,
-            tokens=tokens,
-        )
-        app.add_section("floating_ip", lambda: msgspec.to_builtins(assigner.snapshot()))
-        task_status.started(assigner)
-        await assigner.run()
+        provider = DigitalOceanProvider(client)
+        leadership = SharedLeadership(node)
+        assigners = [
+            Assigner(
+                provider,
+                address.address,
+                droplet_id,
+                leadership,
+                config.assigner,
+                random.Random(),
+                metrics.for_address(address.address),
+                tokens=tokens,
+                budget_shares=len(config.addresses),
+                on_event=_address_listener(hooks, node, address),
+            )
+            for address in config.addresses
+        ]
+        node.add_listener(_leadership_lost_listener(leadership, assigners))
+
+        def snapshots() -> list[AssignerSnapshot]:
+            return [assigner.snapshot() for assigner in assigners]
+
+        metrics.watch_addresses(snapshots)
+        app.add_section("floating_ip", lambda: msgspec.to_builtins(assigners[0].snapshot()))
+        app.add_section("addresses", lambda: msgspec.to_builtins(snapshots()))
+        task_status.started(assigners)
+        async with trio.open_nursery() as nursery:
+            for assigner in assigners:
+                nursery.start_soon(assigner.run)
 
 
 async def _run_node_then_stop_all(

@@ -65,11 +65,28 @@ def render(status: dict[str, Any]) -> str:
     if problems:
         lines.append("")
         lines.extend(problems)
-    for section in ("health", "floating_ip"):
+    addresses = status.get("addresses")
+    several = isinstance(addresses, list) and len(addresses) > 1
+    for section in ("health",) if several else ("health", "floating_ip"):
         if isinstance(status.get(section), dict):
             lines.append("")
             lines.append(f"  {section}:")
             lines.extend(f"    {key}: {value}" for key, value in status[section].items())
+    if several and isinstance(addresses, list):
+        for entry in addresses:
+            here = entry.get("leading") and entry.get("holder_droplet_id") == entry.get(
+                "droplet_id"
+            )
+            lines.append("")
+            lines.append(
+                f"  address {entry.get('reserved_ip')} ({entry.get('family')})"
+                + (": here" if here else "")
+            )
+            lines.extend(
+                f"    {key}: {value}"
+                for key, value in entry.items()
+                if key not in ("reserved_ip", "family")
+            )
     return "\n".join(lines)
 
 

@@ -27,9 +27,15 @@ import trio.lowlevel
 import trio.testing
 
 from sidecar.assigner import Assigner, AssignerSettings, RequestBudget
-from sidecar.digitalocean import APIToken, DigitalOceanClient, DigitalOceanSettings, TokenSource
 from sidecar.emulator import Emulator, EmulatorSettings, build_app
 from sidecar.emulator.faults import FaultUpdate
+from sidecar.providers.digitalocean import (
+    APIToken,
+    DigitalOceanClient,
+    DigitalOceanProvider,
+    DigitalOceanSettings,
+    TokenSource,
+)
 
 # Virtual time makes hours take milliseconds; a bug that loops without sleeping would hang.
 pytestmark = pytest.mark.timeout(120)
@@ -210,7 +216,7 @@ def start(
         **extra,
     )
     assigner = Assigner(
-        client,
+        DigitalOceanProvider(client),
         IP,
         ME,
         leadership,
@@ -405,7 +411,11 @@ async def test_a_locked_ip_is_reread_every_poll_interval(
     async with trio.open_nursery() as nursery:
         other_leadership = FakeLeadership()
         other = Assigner(  # a previous leader whose action is still running
-            DigitalOceanClient(CLIENT_SETTINGS, TOKEN, transport=httpx.MockTransport(fake.handler)),
+            DigitalOceanProvider(
+                DigitalOceanClient(
+                    CLIENT_SETTINGS, TOKEN, transport=httpx.MockTransport(fake.handler)
+                )
+            ),
             IP,
             OTHER,
             other_leadership,
@@ -846,7 +856,9 @@ async def test_a_failover_storm_never_delays_the_assign_for_routine_requests(
     while budget.wait_needed(trio.current_time()) == 0:
         await budget.acquire()  # routine requests of earlier stints fill the routine share
     client = DigitalOceanClient(CLIENT_SETTINGS, TOKEN, transport=httpx.MockTransport(fake.handler))
-    assigner = Assigner(client, IP, ME, leadership, settings, random.Random(3), budget=budget)
+    assigner = Assigner(
+        DigitalOceanProvider(client), IP, ME, leadership, settings, random.Random(3), budget=budget
+    )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(assigner.run)
         t0 = trio.current_time()
@@ -884,7 +896,15 @@ def start_emulated(
         transport=httpx.ASGITransport(app=build_app(emulator)),
         wall_clock=lambda: EPOCH + trio.current_time(),
     )
-    assigner = Assigner(client, IP, ME, leadership, AssignerSettings(), random.Random(5), observer)
+    assigner = Assigner(
+        DigitalOceanProvider(client),
+        IP,
+        ME,
+        leadership,
+        AssignerSettings(),
+        random.Random(5),
+        observer,
+    )
     nursery.start_soon(assigner.run)
     return emulator, assigner
 

@@ -27,7 +27,8 @@ import trio
 import trio.testing
 import trustme
 
-from sidecar.digitalocean import (
+from sidecar.emulator import Emulator, EmulatorSettings, build_app
+from sidecar.providers.digitalocean import (
     Action,
     APIToken,
     DigitalOceanClient,
@@ -46,7 +47,6 @@ from sidecar.digitalocean import (
     Unprocessable,
     load_token,
 )
-from sidecar.emulator import Emulator, EmulatorSettings, build_app
 
 TOKEN_TEXT = "dop_v1_" + "5ecret" * 10
 TOKEN = APIToken(TOKEN_TEXT)

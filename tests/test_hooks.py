@@ -109,6 +109,8 @@ async def test_hook_sees_its_facts_and_no_secrets(
         "FIP_LEADER_ID": "2",
         "FIP_NODE_ID": "2",
         "FIP_FLOATING_IP": "203.0.113.10",
+        "FIP_ADDRESS": "",
+        "FIP_FAMILY": "",
     }
     assert gained["KEEP_ME"] == "yes" and gained["PATH"] == os.environ["PATH"]
     for secret in (

@@ -146,7 +146,10 @@ def admin_routes(emulator: Emulator) -> list[BaseRoute]:
             "public_ipv4": d.public_ipv4,
             "private_ipv4": d.private_ipv4,
             "web_url": d.web_url,
+            "ipv6": d.ipv6,
+            "public_ipv6": d.public_ipv6,
             "reserved_ip": getattr(state.ip_of_droplet(d.id), "ip", None),
+            "reserved_ipv6": getattr(state.ip_of_droplet(d.id, "ipv6"), "ip", None),
         }
 
     async def assign(request: Request) -> Response:
@@ -170,6 +173,7 @@ def admin_routes(emulator: Emulator) -> list[BaseRoute]:
             {
                 "now_monotonic": now,
                 "edge_reserved_ip": emulator.edge_ip,
+                "edge_reserved_ipv6": emulator.edge_ipv6,
                 "reserved_ips": [
                     {
                         "ip": r.ip,

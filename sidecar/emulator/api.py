@@ -1,4 +1,5 @@
-"""The `/v2/` API: reserved IPs (and their legacy `floating_ips` alias), actions, droplets.
+"""The `/v2/` API: reserved IPs (and their legacy `floating_ips` alias), reserved IPv6,
+actions, droplets.
 
 Every request passes one gate, in the real API's order as far as a client can tell:
 injected outage and latency, then the per-token rate limit (429), then the bearer token
@@ -96,16 +97,17 @@ class Gate:
         emulator = self.emulator
         faults = emulator.faults
         token = bearer_token(request)
-        outage = faults.outage_remaining(emulator.clock())
+        faulted = faults.applies_to(request.url.path)
+        outage = faults.outage_remaining(emulator.clock()) if faulted else 0.0
         if outage > 0.0:
             if faults.outage_mode == "hang":
                 await trio.sleep(outage)
             else:
                 return self._error(token, 503, "service_unavailable", "Service unavailable.")
-        if faults.latency_seconds > 0.0:
+        if faulted and faults.latency_seconds > 0.0:
             await trio.sleep(faults.latency_seconds)
         now = emulator.clock()
-        forced = faults.force_429_remaining(now)
+        forced = faults.force_429_remaining(now) if faulted else 0.0
         if forced > 0.0:
             decision = emulator.limiter.refuse(token, now, forced)
         else:
@@ -123,7 +125,7 @@ class Gate:
             error = forbidden()
             return json_response(403, render.error(error.error_id, error.message), headers)
         request.state.grant = grant
-        if faults.should_fail(emulator.rng):
+        if faulted and faults.should_fail(emulator.rng):
             status = faults.error_status
             body = render.error(ERROR_IDS[status], "Injected server error.")
             return json_response(status, body, headers)
@@ -151,7 +153,7 @@ class ReservedIPResource:
 
     def _render_ip(self, ip: str) -> dict[str, Any]:
         state = self.emulator.state
-        reserved = state.reserved_ip(ip)
+        reserved = state.reserved_ip(ip, "ipv4")
         holder = state.droplets.get(reserved.droplet_id) if reserved.droplet_id else None
         return render.reserved_ip(reserved, holder, locked=state.is_locked(ip))
 
@@ -171,7 +173,7 @@ class ReservedIPResource:
 
     async def list_actions(self, request: Request) -> tuple[int, dict[str, Any]]:
         ip = request.path_params["ip"]
-        self.emulator.state.reserved_ip(ip)
+        self.emulator.state.reserved_ip(ip, "ipv4")
         page, per_page = page_params(request)
         actions = self.emulator.state.list_actions(ip=ip)
         chunk = actions[(page - 1) * per_page : page * per_page]
@@ -183,11 +185,10 @@ class ReservedIPResource:
         }
 
     async def post_action(self, request: Request) -> tuple[int, dict[str, Any]]:
-        ip = request.path_params["ip"]
-        reserved = self.emulator.state.reserved_ip(ip)
+        reserved = self.emulator.state.reserved_ip(request.path_params["ip"], "ipv4")
         kind, droplet_id = parse_action_request(await request.body())
         action = self.emulator.state.start_action(
-            ip,
+            reserved.ip,
             kind,
             droplet_id,
             resource_type=self.singular,
@@ -196,9 +197,8 @@ class ReservedIPResource:
         return 201, {"action": action_body(self.emulator, action, reserved.project_id)}
 
     async def get_action(self, request: Request) -> tuple[int, dict[str, Any]]:
-        ip = request.path_params["ip"]
-        reserved = self.emulator.state.reserved_ip(ip)
-        action = self.emulator.state.action(request.path_params["action_id"], ip=ip)
+        reserved = self.emulator.state.reserved_ip(request.path_params["ip"], "ipv4")
+        action = self.emulator.state.action(request.path_params["action_id"], ip=reserved.ip)
         return 200, {"action": action_body(self.emulator, action, reserved.project_id)}
 
     def routes(self, gate: Gate) -> list[BaseRoute]:
@@ -213,6 +213,59 @@ class ReservedIPResource:
                 base + "/{ip}/actions/{action_id:int}",
                 gate.wrap(self.get_action, read),
                 methods=["GET"],
+            ),
+        ]
+
+
+class ReservedIPv6Resource:
+    """`/v2/reserved_ipv6`: list, get, and POST actions. As in the spec there is no
+    per-address action GET (actions are read through `/v2/actions/{id}`), no `locked`
+    field, and no legacy `floating_` spelling."""
+
+    def __init__(self, emulator: Emulator) -> None:
+        self.emulator = emulator
+
+    def _render_ip(self, ip: str) -> dict[str, Any]:
+        state = self.emulator.state
+        reserved = state.reserved_ip(ip, "ipv6")
+        holder = state.droplets.get(reserved.droplet_id) if reserved.droplet_id else None
+        return render.reserved_ipv6(reserved, holder)
+
+    async def list_ips(self, request: Request) -> tuple[int, dict[str, Any]]:
+        page, per_page = page_params(request)
+        ips = self.emulator.state.list_reserved_ips("ipv6")
+        chunk = ips[(page - 1) * per_page : page * per_page]
+        base = str(request.url.replace(query=""))
+        return 200, {
+            "reserved_ipv6s": [self._render_ip(r.ip) for r in chunk],
+            "links": render.page_links(base, page, per_page, len(ips)),
+            "meta": {"total": len(ips)},
+        }
+
+    async def get(self, request: Request) -> tuple[int, dict[str, Any]]:
+        return 200, {"reserved_ipv6": self._render_ip(request.path_params["ip"])}
+
+    async def post_action(self, request: Request) -> tuple[int, dict[str, Any]]:
+        reserved = self.emulator.state.reserved_ip(request.path_params["ip"], "ipv6")
+        kind, droplet_id = parse_action_request(await request.body())
+        action = self.emulator.state.start_action(
+            reserved.ip,
+            kind,
+            droplet_id,
+            resource_type="reserved_ipv6",
+            will_error=self.emulator.faults.should_error_action(self.emulator.rng),
+        )
+        return 201, {"action": action_body(self.emulator, action)}
+
+    def routes(self, gate: Gate) -> list[BaseRoute]:
+        base = "/v2/reserved_ipv6"
+        return [
+            Route(base, gate.wrap(self.list_ips, "reserved_ip:read"), methods=["GET"]),
+            Route(base + "/{ip}", gate.wrap(self.get, "reserved_ip:read"), methods=["GET"]),
+            Route(
+                base + "/{ip}/actions",
+                gate.wrap(self.post_action, "reserved_ip:update"),
+                methods=["POST"],
             ),
         ]
 
@@ -304,6 +357,7 @@ def api_routes(emulator: Emulator) -> list[BaseRoute]:
     return [
         *ReservedIPResource(emulator, "reserved_ip").routes(gate),
         *ReservedIPResource(emulator, "floating_ip").routes(gate),
+        *ReservedIPv6Resource(emulator).routes(gate),
         *DropletResource(emulator).routes(gate),
         Route("/v2/actions", gate.wrap(list_actions, "actions:read"), methods=["GET"]),
         Route(

@@ -92,7 +92,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--edge-reserved-ip",
         default=None,
         metavar="IP",
-        help="the reserved IP the edge serves (default: the first --reserved-ip)",
+        help="the reserved IPv4 the edge serves (default: the first IPv4 --reserved-ip)",
+    )
+    parser.add_argument(
+        "--edge6-listen",
+        type=host_port,
+        default=None,
+        help="HOST:PORT (e.g. [::1]:8000) for the edge of the reserved IPv6",
+    )
+    parser.add_argument(
+        "--edge-reserved-ipv6",
+        default=None,
+        metavar="IP",
+        help="the reserved IPv6 the IPv6 edge serves (default: the first IPv6 --reserved-ip)",
+    )
+    parser.add_argument(
+        "--forbid-mixed-families",
+        action="store_true",
+        help="refuse (422) to give a droplet a reserved IPv4 and a reserved IPv6 at once "
+        "(undocumented on the real API; allowed by default)",
     )
     parser.add_argument(
         "--metadata-listen",
@@ -121,7 +139,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="IP=REGION[:DROPLET]",
-        help="a reserved IP (repeatable)",
+        help="a reserved IPv4 or IPv6 address (repeatable)",
     )
     parser.add_argument(
         "--droplet",
@@ -130,7 +148,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="ID=REGION[=WEB_URL]|JSON",
         help="a droplet (repeatable); JSON also sets name, tags, public_ipv4, private_ipv4, "
-        "boot_seconds",
+        "boot_seconds, ipv6 (IPv6 enabled, default true)",
     )
     parser.add_argument(
         "--action-seconds",
@@ -188,6 +206,7 @@ def build_emulator(args: argparse.Namespace) -> Emulator:
         rate_limit_per_minute=args.rate_limit_per_minute,
         rate_limit_per_hour=args.rate_limit_per_hour,
         edge_timeout=args.edge_timeout,
+        allow_mixed_families=not args.forbid_mixed_families,
     )
     try:
         settings.validate()
@@ -197,6 +216,7 @@ def build_emulator(args: argparse.Namespace) -> Emulator:
                 settings,
                 token_scopes=args.token_scopes,
                 edge_ip=args.edge_reserved_ip,
+                edge_ipv6=args.edge_reserved_ipv6,
             )
         except ValueError as error:
             raise UsageError(f"--token-scopes: {error}") from None
@@ -206,11 +226,17 @@ def build_emulator(args: argparse.Namespace) -> Emulator:
             emulator.state.add_reserved_ip(spec.ip, spec.region, spec.droplet_id)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    if (
-        args.edge_reserved_ip is not None
-        and args.edge_reserved_ip not in emulator.state.reserved_ips
+    for flag, ip, family in (
+        ("--edge-reserved-ip", args.edge_reserved_ip, "ipv4"),
+        ("--edge-reserved-ipv6", args.edge_reserved_ipv6, "ipv6"),
     ):
-        raise UsageError(f"--edge-reserved-ip {args.edge_reserved_ip} is not a --reserved-ip")
+        if ip is None:
+            continue
+        reserved = emulator.state.reserved_ips.get(ip)
+        if reserved is None:
+            raise UsageError(f"{flag} {ip} is not a --reserved-ip")
+        if reserved.family != family:
+            raise UsageError(f"{flag} {ip} is not an {family.upper()} address")
     if (args.tls_cert is None) != (args.tls_key is None):
         raise UsageError("--tls-cert and --tls-key go together")
     return emulator
@@ -229,6 +255,7 @@ async def serve_until_signalled(
                     emulator,
                     listen=args.listen,
                     edge_listen=args.edge_listen,
+                    edge6_listen=args.edge6_listen,
                     metadata_listen=args.metadata_listen,
                     tls=tls,
                 )
@@ -236,6 +263,8 @@ async def serve_until_signalled(
             line = f"emulator listening on {serving.api_url}"
             if serving.edge_url is not None:
                 line += f" edge on {serving.edge_url}"
+            if serving.edge6_url is not None:
+                line += f" edge6 on {serving.edge6_url}"
             if serving.metadata_url is not None:
                 line += f" metadata on {serving.metadata_url}"
             print(line, flush=True)

@@ -1,10 +1,12 @@
-"""The edge: where traffic for the reserved IP lands, sent on to whoever holds it.
+"""The edge: where traffic for a reserved IP lands, sent on to whoever holds it.
 
 On DigitalOcean the network routes the reserved IP to the droplet it points at, and it
 takes a moment to converge after a move. The edge plays that network: every request goes
 to the web service of the droplet that held the IP `propagation_delay` seconds ago, and
 the answer says which droplet that was (`x-fip-droplet`), so a `curl` through the edge
 shows a failover happen. It reads the same state as the API, in the same process.
+One edge app serves one address family: the IPv4 edge routes by the reserved IPv4, the
+IPv6 edge (listening on `::1`, say) by the reserved IPv6, so a client can watch both move.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from .emulator import Emulator
+from .state import Family
 
 HOP_BY_HOP = frozenset(
     {
@@ -36,13 +39,17 @@ ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 DROPLET_HEADER = "x-fip-droplet"
 
 
-def build_edge_app(emulator: Emulator, client: httpx.AsyncClient) -> Starlette:
-    """An ASGI app forwarding everything through `client` (which the caller closes)."""
+def build_edge_app(
+    emulator: Emulator, client: httpx.AsyncClient, family: Family = "ipv4"
+) -> Starlette:
+    """An ASGI app forwarding everything through `client` (which the caller closes), by
+    who holds the emulator's edge address of `family`."""
 
     async def forward(request: Request) -> Response:
-        ip = emulator.edge_ip
+        ip = emulator.edge_address(family)
         if ip is None:
-            return PlainTextResponse("the emulator has no reserved IP\n", status_code=503)
+            what = "reserved IP" if family == "ipv4" else "reserved IPv6"
+            return PlainTextResponse(f"the emulator has no {what}\n", status_code=503)
         as_of = emulator.clock() - emulator.settings.propagation_delay
         holder = emulator.state.holder_at(ip, as_of)
         if holder is None:

@@ -17,7 +17,7 @@ from typing import Any
 from .faults import Faults
 from .ratelimit import RateLimiter
 from .settings import EmulatorSettings
-from .state import AccountState, Clock
+from .state import AccountState, Clock, Family
 from .tokens import TokenRegistry
 
 
@@ -59,6 +59,7 @@ class Emulator:
         wall_clock: Clock = time.time,
         rng: random.Random | None = None,
         edge_ip: str | None = None,
+        edge_ipv6: str | None = None,
     ) -> None:
         if not token:
             raise ValueError("the emulator needs a non-empty API token to accept")
@@ -75,10 +76,20 @@ class Emulator:
         self.requests = RequestLog()
         self.rng = rng if rng is not None else random.Random()
         self._edge_ip = edge_ip
+        self._edge_ipv6 = edge_ipv6
 
     @property
     def edge_ip(self) -> str | None:
-        """The reserved IP the edge serves: the one chosen, else the first one added."""
-        if self._edge_ip is not None:
-            return self._edge_ip
-        return next(iter(self.state.reserved_ips), None)
+        """The reserved IPv4 the edge serves: the one chosen, else the first one added."""
+        return self._edge_ip or self._first("ipv4")
+
+    @property
+    def edge_ipv6(self) -> str | None:
+        """The reserved IPv6 the IPv6 edge serves: the one chosen, else the first added."""
+        return self._edge_ipv6 or self._first("ipv6")
+
+    def edge_address(self, family: Family) -> str | None:
+        return self.edge_ip if family == "ipv4" else self.edge_ipv6
+
+    def _first(self, family: Family) -> str | None:
+        return next((r.ip for r in self.state.reserved_ips.values() if r.family == family), None)

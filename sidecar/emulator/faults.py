@@ -61,6 +61,10 @@ class FaultUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froz
     """How a completed action's `status` is spelled from now on ("" restores `completed`)."""
     droplet_event: DropletEvent | None = None
     """Start this droplet event (state, not a switch: `clear` does not end it)."""
+    path_prefixes: list[str] | None = None
+    """Latency, errors, outages and forced 429s hit only `/v2/` paths starting with one
+    of these (e.g. `["/v2/reserved_ipv6"]`: the IPv6 API down, IPv4 fine); `[]` restores
+    "every path"."""
 
     def validate(self) -> None:
         for name in ("error_rate", "action_error_rate"):
@@ -80,6 +84,9 @@ class FaultUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froz
             raise ValueError(f"action_completed_status {status!r} would not be an unknown status")
         if status is not None and len(status) > 64:
             raise ValueError("action_completed_status is longer than 64 characters")
+        for prefix in self.path_prefixes or ():
+            if not prefix.startswith("/v2/"):
+                raise ValueError(f"path_prefixes: {prefix!r} does not start with /v2/")
         event = self.droplet_event
         if event is not None and event.type not in DROPLET_EVENT_KINDS:
             raise ValueError(f"droplet_event.type must be one of {', '.join(DROPLET_EVENT_KINDS)}")
@@ -99,6 +106,11 @@ class Faults:
     force_429_until: float | None = None
     action_error_rate: float = 0.0
     action_completed_status: str = "completed"
+    path_prefixes: tuple[str, ...] = ()
+
+    def applies_to(self, path: str) -> bool:
+        """Whether the request faults hit `path` (every path unless prefixes are set)."""
+        return not self.path_prefixes or path.startswith(self.path_prefixes)
 
     def update(self, change: FaultUpdate, now: float) -> None:
         change.validate()
@@ -123,6 +135,8 @@ class Faults:
             self.action_error_rate = change.action_error_rate
         if change.action_completed_status is not None:
             self.action_completed_status = change.action_completed_status or "completed"
+        if change.path_prefixes is not None:
+            self.path_prefixes = tuple(change.path_prefixes)
 
     def outage_remaining(self, now: float) -> float:
         return max(0.0, self.outage_until - now) if self.outage_until is not None else 0.0
@@ -151,5 +165,6 @@ class Faults:
             "force_429_remaining_seconds": self.force_429_remaining(now),
             "action_error_rate": self.action_error_rate,
             "action_completed_status": self.action_completed_status,
+            "path_prefixes": list(self.path_prefixes),
             "now_monotonic": now,
         }

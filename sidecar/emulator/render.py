@@ -10,6 +10,7 @@ invents JSON of its own.
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import uuid
 from typing import Any
 from urllib.parse import urlencode
@@ -86,6 +87,25 @@ def networks_v4(d: Droplet) -> list[dict[str, Any]]:
     return networks
 
 
+PUBLIC_IPV6_PREFIX = 64
+
+
+def networks_v6(d: Droplet) -> list[dict[str, Any]]:
+    """The droplet's public IPv6 network, when IPv6 is enabled (the API's example shape)."""
+    if d.public_ipv6 is None:
+        return []
+    network = ipaddress.IPv6Network(f"{d.public_ipv6}/{PUBLIC_IPV6_PREFIX}", strict=False)
+    gateway = str(network[1])
+    return [
+        {
+            "ip_address": d.public_ipv6,
+            "netmask": PUBLIC_IPV6_PREFIX,
+            "gateway": gateway,
+            "type": "public",
+        }
+    ]
+
+
 def droplet(d: Droplet, *, booting: bool = False) -> dict[str, Any]:
     """The droplet object (`GET /v2/droplets/{id}`, and embedded in a reserved IP).
 
@@ -130,7 +150,9 @@ def droplet(d: Droplet, *, booting: bool = False) -> dict[str, Any]:
         "status": "new" if booting else "active",
         "kernel": None,
         "created_at": iso8601(d.created_epoch),
-        "features": ["ipv6", "metadata"] + (["private_networking"] if d.private_ipv4 else []),
+        "features": (["ipv6"] if d.ipv6 else [])
+        + ["metadata"]
+        + (["private_networking"] if d.private_ipv4 else []),
         "backup_ids": [],
         "next_backup_window": None,
         "snapshot_ids": [],
@@ -138,7 +160,10 @@ def droplet(d: Droplet, *, booting: bool = False) -> dict[str, Any]:
         "volume_ids": [],
         "size": size,
         "size_slug": "s-1vcpu-1gb",
-        "networks": {"v4": [] if booting else networks_v4(d), "v6": []},
+        "networks": {
+            "v4": [] if booting else networks_v4(d),
+            "v6": [] if booting else networks_v6(d),
+        },
         "region": region(d.region),
         "tags": list(d.tags),
         "vpc_uuid": str(uuid.uuid5(uuid.NAMESPACE_URL, f"fip-emulator-vpc:{d.region}")),
@@ -153,6 +178,17 @@ def reserved_ip(r: ReservedIP, holder: Droplet | None, *, locked: bool) -> dict[
         "droplet": droplet(holder) if holder is not None else None,
         "locked": locked,
         "project_id": r.project_id,
+    }
+
+
+def reserved_ipv6(r: ReservedIP, holder: Droplet | None) -> dict[str, Any]:
+    """The reserved IPv6 object: no `locked` field and a `region_slug` instead of a region
+    object, as the spec has it."""
+    return {
+        "ip": r.ip,
+        "reserved_at": iso8601(r.reserved_epoch),
+        "region_slug": r.region,
+        "droplet": droplet(holder) if holder is not None else None,
     }
 
 

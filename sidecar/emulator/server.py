@@ -15,6 +15,7 @@ from .app import build_app
 from .edge import build_edge_app
 from .emulator import Emulator
 from .metadata import build_metadata_app
+from .state import Family
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class ServingAt:
     api_url: str
     edge_url: str | None
     metadata_url: str | None = None
+    edge6_url: str | None = None
 
 
 def hypercorn_config(listen: str, tls: TlsFiles | None) -> Config:
@@ -52,6 +54,7 @@ async def serve(
     *,
     listen: str,
     edge_listen: str | None = None,
+    edge6_listen: str | None = None,
     metadata_listen: str | None = None,
     tls: TlsFiles | None = None,
     task_status: trio.TaskStatus[ServingAt] = trio.TASK_STATUS_IGNORED,
@@ -68,16 +71,22 @@ async def serve(
         api_binds: list[str] = await nursery.start(
             hypercorn_serve, build_app(emulator), hypercorn_config(listen, tls)
         )
-        edge_url = None
-        if edge_listen is not None:
-            edge_config = hypercorn_config(edge_listen, None)
+        edges: dict[Family, str] = {}
+        wanted: tuple[tuple[Family, str | None], ...] = (
+            ("ipv4", edge_listen),
+            ("ipv6", edge6_listen),
+        )
+        for family, edge_at in wanted:
+            if edge_at is None:
+                continue
+            edge_config = hypercorn_config(edge_at, None)
             # The edge passes on the web service's own `date` and `server` headers.
             edge_config.include_date_header = False
             edge_config.include_server_header = False
             edge_binds: list[str] = await nursery.start(
-                hypercorn_serve, build_edge_app(emulator, client), edge_config
+                hypercorn_serve, build_edge_app(emulator, client, family), edge_config
             )
-            edge_url = edge_binds[0]
+            edges[family] = edge_binds[0]
         metadata_url = None
         if metadata_listen is not None:
             metadata_binds: list[str] = await nursery.start(
@@ -86,4 +95,6 @@ async def serve(
                 hypercorn_config(metadata_listen, None),
             )
             metadata_url = metadata_binds[0]
-        task_status.started(ServingAt(api_binds[0], edge_url, metadata_url))
+        task_status.started(
+            ServingAt(api_binds[0], edges.get("ipv4"), metadata_url, edges.get("ipv6"))
+        )

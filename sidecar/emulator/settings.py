@@ -32,6 +32,12 @@ class EmulatorSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True,
     edge_timeout: float = 10.0
     """How long the edge waits for a droplet's web service before answering 502."""
 
+    allow_mixed_families: bool = True
+    """Whether one droplet may hold a reserved IPv4 and a reserved IPv6 at once. The real
+    API does not document it; the default assumes it may (a dual-stack service), and
+    `false` makes such an assign a 422 so a client can be tested against the other
+    answer. Either way a droplet holds at most one address of each family."""
+
     def validate(self) -> None:
         """Reject values that would make the emulator lie in a way no real API does."""
         for name in ("action_seconds", "action_404_seconds", "propagation_delay"):

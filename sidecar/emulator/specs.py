@@ -18,6 +18,7 @@ class DropletSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froz
 
     `boot_seconds` > 0 makes it boot first: status `new`, no addresses yet, and a
     `create` event that makes assigning a reserved IP to it a 422 until it ends.
+    `ipv6` is whether IPv6 is enabled (only then can it take a reserved IPv6).
     """
 
     id: int
@@ -28,6 +29,7 @@ class DropletSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froz
     public_ipv4: str | None = None
     private_ipv4: str | None = None
     boot_seconds: float = 0.0
+    ipv6: bool = True
 
     def add_to(self, state: AccountState, *, replace: bool = False) -> Droplet:
         """Add the droplet (or replace the one with this id); ValueError names the key."""
@@ -46,6 +48,7 @@ class DropletSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, froz
             private_ipv4=self.private_ipv4,
             boot_seconds=self.boot_seconds,
             replace=replace,
+            ipv6=self.ipv6,
         )
 
 

@@ -18,6 +18,7 @@ meets when the standby happens to be backed up at that moment.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import time
 import uuid
@@ -34,6 +35,7 @@ DropletEventKind = Literal["create", "reboot", "power_cycle", "backup", "snapsho
 """Droplet events the emulator can run; `create` is a new droplet's boot."""
 ActionStatus = Literal["in-progress", "completed", "errored"]
 AssignmentSource = Literal["initial", "api", "manual", "destroyed"]
+Family = Literal["ipv4", "ipv6"]
 DROPLET_EVENT_KINDS: tuple[DropletEventKind, ...] = get_args(DropletEventKind)
 
 FIRST_ACTION_ID = 2_000_000_001
@@ -67,12 +69,23 @@ def default_public_ipv4(droplet_id: int) -> str:
     return str(ipaddress.IPv4Address("198.18.0.0") + (droplet_id % 131_070) + 1)
 
 
+def default_public_ipv6(droplet_id: int) -> str:
+    """A stable stand-in public IPv6 address from the documentation range 2001:db8::/32."""
+    return str(ipaddress.IPv6Address("2001:db8:d0::") + droplet_id)
+
+
+def family_of(ip: str) -> Family:
+    return "ipv6" if ipaddress.ip_address(ip).version == 6 else "ipv4"
+
+
 @dataclass
 class Droplet:
     """A droplet the account owns; `web_url` is where the edge sends its traffic.
 
     `public_ipv4` defaults to a stable address derived from the id; `private_ipv4` (the
-    VPC address) is optional, as on a droplet created without one.
+    VPC address) is optional, as on a droplet created without one. `ipv6` is whether
+    IPv6 is enabled on it (then it has a public IPv6 address, and only then can it take
+    a reserved IPv6).
     """
 
     id: int
@@ -83,6 +96,7 @@ class Droplet:
     public_ipv4: str = ""
     private_ipv4: str | None = None
     created_epoch: float = field(default_factory=time.time)
+    ipv6: bool = True
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -95,6 +109,10 @@ class Droplet:
         private = () if self.private_ipv4 is None else (self.private_ipv4,)
         return (self.public_ipv4, *private)
 
+    @property
+    def public_ipv6(self) -> str | None:
+        return default_public_ipv6(self.id) if self.ipv6 else None
+
 
 @dataclass
 class ReservedIP:
@@ -103,6 +121,11 @@ class ReservedIP:
     ip: str
     region: str
     droplet_id: int | None = None
+    reserved_epoch: float = field(default_factory=time.time)
+
+    @property
+    def family(self) -> Family:
+        return family_of(self.ip)
 
     @property
     def project_id(self) -> str:
@@ -110,8 +133,13 @@ class ReservedIP:
 
     @property
     def resource_id(self) -> int:
-        """The numeric id the real API puts in an action's `resource_id` for an IP."""
-        return int(ipaddress.IPv4Address(self.ip))
+        """The numeric id the real API puts in an action's `resource_id` for an IP: the
+        address itself for IPv4; for IPv6 (128 bits do not fit) a stable 31-bit number,
+        like the spec's example `758604968`."""
+        if self.family == "ipv4":
+            return int(ipaddress.IPv4Address(self.ip))
+        digest = hashlib.sha256(self.ip.encode()).digest()
+        return int.from_bytes(digest[:4], "big") & 0x7FFF_FFFF or 1
 
 
 @dataclass
@@ -197,6 +225,7 @@ class AccountState:
         private_ipv4: str | None = None,
         boot_seconds: float = 0.0,
         replace: bool = False,
+        ipv6: bool = True,
     ) -> Droplet:
         """Add a droplet (or, with `replace`, change one's attributes in place).
 
@@ -219,6 +248,7 @@ class AccountState:
             public_ipv4=_address("public_ipv4", public_ipv4) if public_ipv4 else "",
             private_ipv4=_address("private_ipv4", private_ipv4) if private_ipv4 else None,
             created_epoch=old.created_epoch if old is not None else self.wall_clock(),
+            ipv6=ipv6,
         )
         if old is not None and old.region != region:
             raise ValueError(f"droplet {droplet_id}: a droplet cannot change region")
@@ -240,21 +270,21 @@ class AccountState:
         self.droplet(droplet_id)
         for action in self._in_progress(lambda a: a.target_droplet_id == droplet_id):
             action.will_error = True
-        held = self.ip_of_droplet(droplet_id)
-        if held is not None:
+        for held in self.ips_of_droplet(droplet_id):
             now, epoch = self.clock(), self.wall_clock()
             self._apply(held, None, None, "destroyed", now, epoch, now, epoch)
         del self.droplets[droplet_id]
 
     def add_reserved_ip(self, ip: str, region: str, droplet_id: int | None = None) -> ReservedIP:
-        """Add an IP, optionally already pointing at a droplet (recorded as `initial`)."""
+        """Add an IPv4 or IPv6 address, optionally already pointing at a droplet (recorded
+        as `initial`)."""
         try:
-            address = str(ipaddress.IPv4Address(ip))
+            address = ipaddress.ip_address(ip).compressed
         except ValueError:
-            raise ValueError(f"reserved IP {ip!r} is not an IPv4 address") from None
+            raise ValueError(f"reserved IP {ip!r} is not an IPv4 or IPv6 address") from None
         if address in self.reserved_ips:
             raise ValueError(f"reserved IP {address} is listed twice")
-        reserved = ReservedIP(address, region)
+        reserved = ReservedIP(address, region, reserved_epoch=self.wall_clock())
         self.reserved_ips[address] = reserved
         if droplet_id is not None:
             try:
@@ -302,16 +332,22 @@ class AccountState:
 
     # ---- reads -------------------------------------------------------------------------
 
-    def reserved_ip(self, ip: str) -> ReservedIP:
+    def reserved_ip(self, ip: str, family: Family | None = None) -> ReservedIP:
+        """The address `ip` (any spelling of it); with `family`, only one of that family
+        (`/v2/reserved_ips/` does not know IPv6 addresses, nor the reverse)."""
         self.settle()
-        reserved = self.reserved_ips.get(ip)
-        if reserved is None:
+        try:
+            key = ipaddress.ip_address(ip).compressed
+        except ValueError:
+            raise not_found() from None
+        reserved = self.reserved_ips.get(key)
+        if reserved is None or (family is not None and reserved.family != family):
             raise not_found()
         return reserved
 
-    def list_reserved_ips(self) -> list[ReservedIP]:
+    def list_reserved_ips(self, family: Family = "ipv4") -> list[ReservedIP]:
         self.settle()
-        return list(self.reserved_ips.values())
+        return [r for r in self.reserved_ips.values() if r.family == family]
 
     def droplet(self, droplet_id: int) -> Droplet:
         droplet = self.droplets.get(droplet_id)
@@ -341,10 +377,15 @@ class AccountState:
             )
         )
 
-    def ip_of_droplet(self, droplet_id: int) -> ReservedIP | None:
-        """The reserved IP this droplet holds now (a droplet can hold at most one)."""
+    def ip_of_droplet(self, droplet_id: int, family: Family = "ipv4") -> ReservedIP | None:
+        """The reserved IP of `family` this droplet holds now (at most one per family)."""
+        return next((r for r in self.ips_of_droplet(droplet_id) if r.family == family), None)
+
+    def ips_of_droplet(self, droplet_id: int) -> list[ReservedIP]:
+        """Every reserved address this droplet holds now, IPv4 first."""
         self.settle()
-        return next((r for r in self.reserved_ips.values() if r.droplet_id == droplet_id), None)
+        held = [r for r in self.reserved_ips.values() if r.droplet_id == droplet_id]
+        return sorted(held, key=lambda r: r.family)
 
     def pending_action(self, ip: str) -> Action | None:
         self.settle()
@@ -408,7 +449,9 @@ class AccountState:
             if droplet_id is None:
                 raise unprocessable("droplet_id is required to assign a reserved IP.")
             self._check_can_hold(reserved, droplet_id)
-            if any(True for _ in self._in_progress(lambda a: a.involves_droplet(droplet_id))):
+            if any(
+                True for _ in self._in_progress(lambda a: self._blocks(a, reserved, droplet_id))
+            ):
                 raise pending_droplet_event()
         elif reserved.droplet_id is None:
             raise unprocessable("The reserved IP is not assigned to a droplet.")
@@ -473,6 +516,17 @@ class AccountState:
 
     # ---- internals ---------------------------------------------------------------------
 
+    def _blocks(self, action: Action, reserved: ReservedIP, droplet_id: int) -> bool:
+        """Whether `action`, in progress, makes assigning `reserved` to `droplet_id` a 422:
+        any droplet event on it does, and a move of another address of the same family to
+        or from it. Moves of the other family do not (undocumented, like holding both;
+        with `allow_mixed_families` off the assign is refused anyway)."""
+        if not action.involves_droplet(droplet_id):
+            return False
+        if action.ip is None:
+            return True
+        return family_of(action.ip) == reserved.family or not self.settings.allow_mixed_families
+
     def _in_progress(self, predicate: Callable[[Action], bool]) -> Iterator[Action]:
         return (a for a in self.actions.values() if a.status == "in-progress" and predicate(a))
 
@@ -487,16 +541,26 @@ class AccountState:
                 f"The droplet is in region {droplet.region}, the reserved IP in "
                 f"{reserved.region}; they must be in the same region."
             )
-        other = next(
-            (
-                r
-                for r in self.reserved_ips.values()
-                if r.droplet_id == droplet_id and r.ip != reserved.ip
-            ),
-            None,
-        )
-        if other is not None:
-            raise unprocessable("The droplet already has a reserved IP assigned.")
+        if reserved.family == "ipv6" and not droplet.ipv6:
+            raise unprocessable("The droplet does not have IPv6 enabled.")
+        for other in self._conflicts(reserved, droplet_id):
+            if other.family == reserved.family:
+                raise unprocessable("The droplet already has a reserved IP assigned.")
+            raise unprocessable(
+                f"The droplet already has a reserved {other.family.upper()} assigned."
+            )
+
+    def _conflicts(self, reserved: ReservedIP, droplet_id: int) -> list[ReservedIP]:
+        """The addresses `droplet_id` holds that it could not keep beside `reserved`: one
+        of the same family (at most one each), or any other when `allow_mixed_families`
+        is off."""
+        return [
+            r
+            for r in self.reserved_ips.values()
+            if r.droplet_id == droplet_id
+            and r.ip != reserved.ip
+            and (r.family == reserved.family or not self.settings.allow_mixed_families)
+        ]
 
     def _apply(
         self,
@@ -510,21 +574,20 @@ class AccountState:
         completed_epoch: float,
     ) -> Assignment:
         if droplet_id is not None:
-            # A droplet holds at most one reserved IP. A pending action can complete after
-            # an operator gave the droplet another IP by hand; the newer move wins and the
-            # other IP is released, on the record.
-            for other in self.reserved_ips.values():
-                if other.droplet_id == droplet_id and other is not reserved:
-                    self._apply(
-                        other,
-                        None,
-                        action_id,
-                        source,
-                        requested_clock,
-                        requested_epoch,
-                        completed_clock,
-                        completed_epoch,
-                    )
+            # A droplet holds at most one reserved IP of a family. A pending action can
+            # complete after an operator gave the droplet another IP by hand; the newer
+            # move wins and the other IP is released, on the record.
+            for other in self._conflicts(reserved, droplet_id):
+                self._apply(
+                    other,
+                    None,
+                    action_id,
+                    source,
+                    requested_clock,
+                    requested_epoch,
+                    completed_clock,
+                    completed_epoch,
+                )
         entry = Assignment(
             reserved_ip=reserved.ip,
             droplet_id=droplet_id,

@@ -24,12 +24,14 @@ TOKEN = "emulator-test-token"
 IP = "203.0.113.10"
 SPARE_IP = "203.0.113.20"
 FAR_IP = "203.0.113.30"
+IP6 = "2001:db8::10"
 BASE_URL = "http://emulator.test"
 RATE_HEADERS = ("ratelimit-limit", "ratelimit-remaining", "ratelimit-reset")
 
 
 def make_emulator(**settings: Any) -> Emulator:
-    """Droplets 1001, 1002 (nyc3) and 2001 (sfo3); IP held by 1001, a spare, a far IP.
+    """Droplets 1001, 1002 (nyc3) and 2001 (sfo3); IP held by 1001, a spare, a far IP;
+    IP6, an unassigned reserved IPv6 in nyc3.
 
     Must be called inside trio: the emulator's clock is `trio.current_time`.
     """
@@ -42,6 +44,7 @@ def make_emulator(**settings: Any) -> Emulator:
     emulator.state.add_reserved_ip(IP, "nyc3", 1001)
     emulator.state.add_reserved_ip(SPARE_IP, "nyc3")
     emulator.state.add_reserved_ip(FAR_IP, "sfo3")
+    emulator.state.add_reserved_ip(IP6, "nyc3")
     return emulator
 
 
@@ -96,6 +99,7 @@ async def admin_client(emulator: Emulator) -> AsyncIterator[httpx.AsyncClient]:
 
 
 async def assign(client: httpx.AsyncClient, droplet_id: int, ip: str = IP) -> httpx.Response:
+    collection = "reserved_ipv6" if ":" in ip else "reserved_ips"
     return await client.post(
-        f"/v2/reserved_ips/{ip}/actions", json={"type": "assign", "droplet_id": droplet_id}
+        f"/v2/{collection}/{ip}/actions", json={"type": "assign", "droplet_id": droplet_id}
     )

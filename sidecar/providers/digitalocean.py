@@ -1,8 +1,12 @@
 """The DigitalOcean provider: a small trio-native client for the reserved-IP API and metadata.
 
 It covers exactly what the sidecar needs: read a reserved IP (who holds it, its region,
-whether an action locks it), list reserved IPs, assign and unassign, follow an action, and
-read this droplet's id, region and "reserved IP active" flag from the metadata service.
+whether an action locks it), list reserved IPs, assign and unassign, follow an action, the
+same for a reserved IPv6 (`/v2/reserved_ipv6`: no `locked`, actions read through
+`/v2/actions/{id}`), and read this droplet's id, region and "reserved IP active" flag from
+the metadata service. `DigitalOceanProvider` at the end is the seam the assigner uses
+(`sidecar.providers.base`): it picks the family's endpoints and translates this module's
+errors into the seam's.
 Every answer is decoded into a typed, frozen struct with strict types; every failure,
 whatever library raised it, leaves this module as one of the `ProviderError` subclasses
 below, carrying the HTTP status (or none, for a network failure) so the caller can decide
@@ -38,13 +42,16 @@ import os
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Generator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping
 from typing import Annotated, Any, Final, Literal, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
 import msgspec
 import trio
+
+from sidecar.providers import base
+from sidecar.providers.base import NO_RESPONSE
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +66,6 @@ answered `done` for `completed`, and a client that refused that would poll a fin
 action until it gave up."""
 # Any other non-empty word is accepted as "no longer running"; the caller reads the IP.
 _StatusWire = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-
-# A status label for a request that got no HTTP answer at all (refused, reset, timed out).
-NO_RESPONSE: Final = "network_error"
 
 _MAX_PAGES: Final = 50  # list_reserved_ips stops here; 50 pages of 200 is far beyond any account
 _MAX_MESSAGE_CHARS: Final = 300  # API error messages are cut to this length in exceptions
@@ -151,7 +155,7 @@ def _check_base_url(key: str, url: str) -> None:
 # --------------------------------------------------------------------------- the token
 
 
-class TokenError(ValueError):
+class TokenError(base.CredentialError):
     """The API token could not be loaded; the message says where we looked, never the token."""
 
 
@@ -423,12 +427,16 @@ _STATUS_ERRORS: Final[dict[int, type[ProviderError]]] = {
 
 
 class ReservedIP(msgspec.Struct, frozen=True, kw_only=True):
-    """A reserved IP as read now. `droplet_id` is None when it is not assigned."""
+    """A reserved IP as read now. `droplet_id` is None when it is not assigned.
+
+    `locked` is None for a reserved IPv6: its object has no such field (an action in
+    progress shows only as a 422 on the next POST, or in `/v2/actions/{id}`).
+    """
 
     ip: str
     droplet_id: int | None
     region: str
-    locked: bool
+    locked: bool | None
     http_status: int = 200
 
 
@@ -468,6 +476,22 @@ class _ReservedIPWire(msgspec.Struct):
     region: _RegionWire
     droplet: _DropletWire | None
     locked: bool
+
+
+class _MaybeDropletWire(msgspec.Struct):
+    # The spec's "null" alternative for an unassigned IPv6 is an object type marked
+    # nullable: an empty object is read as "no droplet" rather than refused.
+    id: int | None = None
+
+
+class _ReservedIPv6Wire(msgspec.Struct):
+    ip: str
+    region_slug: str
+    droplet: _MaybeDropletWire | None = None
+
+
+class _ReservedIPv6Envelope(msgspec.Struct):
+    reserved_ipv6: _ReservedIPv6Wire
 
 
 class _ReservedIPEnvelope(msgspec.Struct):
@@ -677,6 +701,47 @@ class DigitalOceanClient:
     async def unassign(self, ip: str) -> Action:
         """Start detaching `ip` from whatever droplet holds it; returns the action."""
         return await self._post_action(ip, _UnassignRequest())
+
+    # ------------------------------------------------------------------ reserved IPv6
+
+    async def get_reserved_ipv6(self, ip: str) -> ReservedIP:
+        """Read one reserved IPv6: its holder and region (`locked` is None: no such field)."""
+        endpoint = "GET /v2/reserved_ipv6/{ip}"
+        answer = await self._call(self._api, "GET", f"/v2/reserved_ipv6/{_ipv6(ip)}", endpoint)
+        wire = self._decode(answer.body, _ReservedIPv6Envelope, endpoint, answer.status)
+        found = wire.reserved_ipv6
+        return ReservedIP(
+            ip=found.ip,
+            droplet_id=None if found.droplet is None else found.droplet.id,
+            region=found.region_slug,
+            locked=None,
+            http_status=answer.status,
+        )
+
+    async def assign_ipv6(self, ip: str, droplet_id: int) -> Action:
+        """Start moving a reserved IPv6 to `droplet_id`; follow it with `get_action`."""
+        if droplet_id <= 0:
+            raise ValueError("droplet_id must be a positive integer")
+        return await self._post_ipv6_action(ip, _AssignRequest(droplet_id=droplet_id))
+
+    async def unassign_ipv6(self, ip: str) -> Action:
+        """Start detaching a reserved IPv6 from its droplet."""
+        return await self._post_ipv6_action(ip, _UnassignRequest())
+
+    async def _post_ipv6_action(
+        self, ip: str, request: _AssignRequest | _UnassignRequest
+    ) -> Action:
+        endpoint = "POST /v2/reserved_ipv6/{ip}/actions"
+        path = f"/v2/reserved_ipv6/{_ipv6(ip)}/actions"
+        answer = await self._call(
+            self._api, "POST", path, endpoint, content=msgspec.json.encode(request)
+        )
+        return _action(
+            self._decode(answer.body, _ActionEnvelope, endpoint, answer.status).action,
+            answer.status,
+        )
+
+    # ------------------------------------------------------------------ actions
 
     async def get_ip_action(self, ip: str, action_id: int, *, fallback: bool = True) -> Action:
         """Read an action through the IP's actions; on 404, try `/v2/actions/{id}` if `fallback`.
@@ -911,6 +976,13 @@ def _ip(value: str) -> str:
         raise ValueError(f"not an IPv4 address: {value!r}") from None
 
 
+def _ipv6(value: str) -> str:
+    try:
+        return ipaddress.IPv6Address(value).compressed
+    except ValueError:
+        raise ValueError(f"not an IPv6 address: {value!r}") from None
+
+
 def _positive(value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"not a positive integer id: {value!r}")
@@ -938,3 +1010,107 @@ def _action(wire: _ActionWire, status: int) -> Action:
         region=wire.region_slug,
         http_status=status,
     )
+
+
+# --------------------------------------------------------------------------- the seam
+
+_R = TypeVar("_R", ReservedIP, Action)
+
+
+def _translate(exc: ProviderError) -> base.ProviderError:
+    """This module's error as the assigner's vocabulary (`providers.base`) names it."""
+    common: dict[str, Any] = {
+        "endpoint": exc.endpoint,
+        "status": exc.status,
+        "origin": type(exc).__name__,
+    }
+    message = exc.message
+    if isinstance(exc, Unauthorized):
+        return base.Rejected(message, **common)
+    if isinstance(exc, NotFound):
+        return base.NotFound(message, **common)
+    if isinstance(exc, Unprocessable):
+        return base.Busy(message, **common)
+    if isinstance(exc, RateLimited):
+        return base.RateLimited(message, retry_after=exc.retry_after, **common)
+    return base.Unavailable(message, **common)
+
+
+class DigitalOceanProvider:
+    """`providers.base.Provider` over a `DigitalOceanClient`, for both address families.
+
+    A reserved IPv4 has a `locked` flag and its own actions endpoint; an action that
+    endpoint does not know yet (404) is read once more through `/v2/actions/{id}`. A
+    reserved IPv6 has neither: it is read without a lock (`locked` None) and its actions
+    are followed through `/v2/actions/{id}` alone (scope `actions:read`).
+    """
+
+    def __init__(self, client: DigitalOceanClient) -> None:
+        self._client = client
+
+    def __repr__(self) -> str:
+        return f"DigitalOceanProvider({self._client!r})"
+
+    async def read(self, address: str, hooks: base.RequestHooks) -> base.Holding:
+        client = self._client
+        if _is_ipv6(address):
+            found = await _send(
+                hooks, "get_reserved_ipv6", lambda: client.get_reserved_ipv6(address)
+            )
+        else:
+            found = await _send(hooks, "get_reserved_ip", lambda: client.get_reserved_ip(address))
+        return base.Holding(
+            address=found.ip,
+            droplet_id=found.droplet_id,
+            locked=found.locked,
+            http_status=found.http_status,
+        )
+
+    async def assign(
+        self, address: str, droplet_id: int, hooks: base.RequestHooks
+    ) -> base.Operation:
+        client = self._client
+        if _is_ipv6(address):
+            action = await _send(
+                hooks, "assign_ipv6", lambda: client.assign_ipv6(address, droplet_id)
+            )
+        else:
+            action = await _send(hooks, "assign", lambda: client.assign(address, droplet_id))
+        return _operation(action)
+
+    async def follow(
+        self, address: str, operation: base.Operation, hooks: base.RequestHooks
+    ) -> base.Operation:
+        client = self._client
+        if _is_ipv6(address):
+            action = await _send(hooks, "get_action", lambda: client.get_action(operation.id))
+            return _operation(action)
+        try:
+            action = await _send(
+                hooks,
+                "get_ip_action",
+                lambda: client.get_ip_action(address, operation.id, fallback=False),
+            )
+        except base.NotFound:
+            action = await _send(hooks, "get_action", lambda: client.get_action(operation.id))
+        return _operation(action)
+
+
+def _is_ipv6(address: str) -> bool:
+    return ":" in address
+
+
+async def _send(hooks: base.RequestHooks, endpoint: str, call: Callable[[], Awaitable[_R]]) -> _R:
+    """One request: announced before and after, its error translated at this boundary."""
+    await hooks.before()
+    try:
+        result = await call()
+    except ProviderError as exc:
+        hooks.after(endpoint, exc.status_label)
+        raise _translate(exc) from None
+    hooks.after(endpoint, str(result.http_status))
+    return result
+
+
+def _operation(action: Action) -> base.Operation:
+    return base.Operation(id=action.id, status=action.status, http_status=action.http_status)
