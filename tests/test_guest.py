@@ -13,7 +13,7 @@ Then the two ways to run them with an unprivileged sidecar: hooks through the RE
 rule (the real sudo, as an unprivileged user), hooks of real sidecars against the
 emulator, and `fip-guest agent` following a real node's /status (and the `addresses`
 contract of /status, from a scripted server). The real sidecars hold the reserved IPv6 as
-well as the IPv4 where they list several addresses (REAL_SIDECAR_FAMILIES).
+well as the IPv4 (REAL_SIDECAR_FAMILIES).
 """
 
 from __future__ import annotations
@@ -48,7 +48,6 @@ from chaos.netns import Host, Lab
 from sidecar.guest.agent import Entry, parse_status
 from sidecar.guest.cli import hook_request
 from sidecar.guest.errors import GuestError
-from sidecar.hooks import HookSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 RESERVED_IPV4 = "203.0.113.10"
@@ -403,19 +402,8 @@ def test_the_readme_sudo_rule_runs_the_hook_and_nothing_else(
 # --- real sidecars against the emulator: hooks, and the agent on their /status ---------------
 
 
-def address_lists() -> bool:
-    """Whether this sidecar lists several addresses (`[[addresses]]`, with `address_gained` /
-    `address_lost` hooks and `/status` `addresses`), so it can hold a reserved IPv6 too."""
-    from sidecar.config import FileSettings
-
-    return "addresses" in FileSettings.__struct_fields__ and (
-        "on_address_gained" in HookSettings.__struct_fields__
-    )
-
-
-#: The families the real-sidecar tests drive: the reserved IPv6 too where the sidecar (and so
-#: its emulator) has several addresses; the assertions below are written per family.
-REAL_SIDECAR_FAMILIES = ("ipv4", "ipv6") if address_lists() else ("ipv4",)
+#: The families the real-sidecar tests drive; the assertions below are written per family.
+REAL_SIDECAR_FAMILIES = ("ipv4", "ipv6")
 
 
 class GuestCluster(SidecarCluster):
@@ -439,7 +427,7 @@ class GuestCluster(SidecarCluster):
             for address in (RESERVED_IPV4, RESERVED_IPV6):
                 text += f'\n[[addresses]]\naddress = "{address}"\n'
         if self.hook_argv:
-            events = ("address_gained", "address_lost") if address_lists() else ("gained", "lost")
+            events = ("address_gained", "address_lost")
             argv = json.dumps(list(self.hook_argv))
             text += "\n[hooks]\n" + "".join(f"on_{event} = {argv}\n" for event in events)
         return text

@@ -1101,15 +1101,8 @@ def test_with_a_reserved_ipv6_both_addresses_are_listed(configure: ModuleType) -
     assert alone["floating_ip"] == {"address": "203.0.113.10"} and "addresses" not in alone
 
 
-def sidecar_reads_address_lists() -> bool:
-    """Whether the installed sidecar reads `[[addresses]]` (several addresses per cluster)."""
-    from sidecar.config import FileSettings
-
-    return "addresses" in FileSettings.__struct_fields__
-
-
 def rendered_configs(configure: ModuleType) -> Iterator[tuple[int, str]]:
-    ipv6 = ["", "2001:db8:f::10"] if sidecar_reads_address_lists() else [""]
+    ipv6 = ["", "2001:db8:f::10"]
     for node_id in (1, 2, 3):
         health = "" if node_id == 3 else "http://127.0.0.1:80/"
         for reserved_ipv6 in ipv6:
