@@ -7,8 +7,9 @@ so what is left here is the part h11 leaves to its user: sockets, timeouts and l
 
 What a bad or hostile client can do, and what it costs:
 
-- A malformed request gets its 4xx (h11's hint: 400, or 431 for an oversized head) and the
-  connection is closed; the server goes on serving everyone else.
+- A malformed request gets its 4xx (h11's hint: 400, or 431 for an oversized head; 505
+  for an HTTP version other than 1.x) and the connection is closed; the server goes on
+  serving everyone else.
 - A client that sends nothing, or trickles a request byte by byte (slowloris), is dropped
   once `request_timeout` has passed since the connection opened or since its previous
   response: the deadline covers the whole request, not each read.
@@ -30,6 +31,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from http import HTTPStatus
 
 import h11
 import trio
@@ -107,7 +109,10 @@ def _encode(
         headers.append(("allow", "GET, HEAD"))
     if close:
         headers.append(("connection", "close"))
-    data = conn.send(h11.Response(status_code=response.status, headers=headers)) or b""
+    head = h11.Response(
+        status_code=response.status, headers=headers, reason=HTTPStatus(response.status).phrase
+    )
+    data = conn.send(head) or b""
     if not head_only:  # h11 frames a HEAD answer without a body itself
         data += conn.send(h11.Data(data=response.body)) or b""
     return data + (conn.send(h11.EndOfMessage()) or b"")
@@ -218,6 +223,8 @@ class HTTPServer:
                 elif isinstance(event, h11.Request):
                     if len(event.headers) > self.limits.max_headers:
                         raise _ClientError(431, "too many header fields")
+                    if not event.http_version.startswith(b"1."):  # h11 parses any version
+                        raise _ClientError(505, "only HTTP/1.0 and HTTP/1.1 are served")
                     request = event
                 elif isinstance(event, h11.Data):
                     body_bytes += len(event.data)

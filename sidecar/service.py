@@ -11,6 +11,7 @@ import logging
 import random
 import signal
 import socket
+import ssl
 from collections.abc import Callable
 
 import msgspec
@@ -25,6 +26,7 @@ from sidecar.health import HealthChecker
 from sidecar.hooks import HookRunner
 from sidecar.metrics import Metrics
 from sidecar.node import EventListener, Node
+from sidecar.ondemand import OnDemandProvider
 from sidecar.reload import plan as reload_plan
 from sidecar.status import StatusApp, serve_status
 from sidecar.transport import bind_problem
@@ -62,13 +64,26 @@ def _hook_listener(hooks: HookRunner) -> EventListener:
     return on_event
 
 
-async def _droplet_id(config: Config, client: DigitalOceanClient) -> int:
+def _check_ca_file(config: Config) -> None:
+    """Fail at start on a CA bundle that does not load: the API client that needs it is
+    built only when this node first leads (see `ondemand.py`), too late to refuse to start."""
+    ca_file = config.digitalocean.ca_file
+    if config.floating_ip is None or ca_file is None:
+        return
+    try:
+        ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(f"digitalocean.ca_file: cannot load {ca_file} ({exc})") from None
+
+
+async def _droplet_id(config: Config, tokens: TokenSource) -> int:
     assert config.floating_ip is not None
     if config.floating_ip.droplet_id is not None:
         return config.floating_ip.droplet_id
     try:
         with trio.fail_after(30):
-            return await client.metadata_droplet_id()
+            async with DigitalOceanClient(config.digitalocean, tokens) as client:
+                return await client.metadata_droplet_id()
     except (ProviderError, trio.TooSlowError) as exc:
         raise StartupError(
             "floating_ip.droplet_id: not set and the metadata service did not answer "
@@ -87,6 +102,7 @@ async def serve(config: Config, *, reload: Callable[[], Config] | None = None) -
     for warning in files.permission_warnings(config):
         log.warning(warning.message, extra={"event": "insecure_file", "key": warning.key})
     _check_status_port(config.status_listen)
+    _check_ca_file(config)
     tokens = None if config.floating_ip is None else TokenSource(config.digitalocean)
     node = Node(config)
     metrics = Metrics()
@@ -232,8 +248,8 @@ async def _run_assigner(
     task_status: trio.TaskStatus[Assigner] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     assert config.floating_ip is not None
-    async with DigitalOceanClient(config.digitalocean, tokens) as client:
-        droplet_id = await _droplet_id(config, client)
+    droplet_id = await _droplet_id(config, tokens)
+    async with OnDemandProvider(lambda: DigitalOceanClient(config.digitalocean, tokens)) as client:
         assigner = Assigner(
             client,
             config.floating_ip.address,
