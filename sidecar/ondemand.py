@@ -9,9 +9,12 @@ on its first call and keeps it from then on; a follower never builds it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from sidecar.digitalocean import Action, DigitalOceanClient, ProviderError, ReservedIP
+
+log = logging.getLogger(__name__)
 
 
 class OnDemandProvider:
@@ -35,6 +38,7 @@ class OnDemandProvider:
                 raise ProviderError(
                     f"cannot set up the API client: {exc}", endpoint="client set-up"
                 ) from None
+            log.info("DigitalOcean API client built", extra={"event": "api_client_built"})
         return self._client
 
     async def get_reserved_ip(self, ip: str) -> ReservedIP:
