@@ -1,20 +1,53 @@
 """The provider's client, built the first time the assigner calls it: when this node leads.
 
 Every member with a `[floating_ip]` runs an assigner (any of them may come to lead), but
-only the leader ever calls the API. A `DigitalOceanClient` holds two httpx clients, each
-with its own TLS context and CA bundle: about 1.4 MiB of RSS (measured) that a follower
-would carry for nothing. So the assigner gets this stand-in, which builds the real client
-on its first call and keeps it from then on; a follower never builds it.
+only the leader ever calls the API. A `DigitalOceanClient` holds two httpx clients (API and
+metadata), each with its own TLS context and CA bundle: about 1.4 MiB of RSS (measured)
+that a follower would carry for nothing. So the assigner gets this stand-in, which builds
+the real client on its first call and keeps it from then on; a follower never builds it.
+
+`build_client` also spares the CA bundle where a URL is plain http (the metadata service
+always, the emulator on loopback): no redirect is ever followed, so such a client never
+meets https, and each bundle loaded costs ~1 MiB.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
-from sidecar.digitalocean import Action, DigitalOceanClient, ProviderError, ReservedIP
+import httpx
+
+from sidecar.digitalocean import (
+    Action,
+    DigitalOceanClient,
+    DigitalOceanSettings,
+    ProviderError,
+    ReservedIP,
+    TokenSource,
+)
 
 log = logging.getLogger(__name__)
+
+
+def _plain_http_transport(url: str) -> httpx.AsyncHTTPTransport | None:
+    """For an http URL, a transport whose TLS context trusts nothing (https fails closed)
+    instead of loading the CA bundle; None for https (the client's own default)."""
+    if urlsplit(url).scheme != "http":
+        return None
+    return httpx.AsyncHTTPTransport(verify=ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), trust_env=False)
+
+
+def build_client(settings: DigitalOceanSettings, tokens: TokenSource) -> DigitalOceanClient:
+    """A `DigitalOceanClient` that loads a CA bundle only for an https URL."""
+    api = _plain_http_transport(settings.api_url)
+    metadata = _plain_http_transport(settings.metadata_url)
+    if api is not None and metadata is None:
+        # The API transport would serve metadata too: give https metadata the default one.
+        metadata = httpx.AsyncHTTPTransport(trust_env=False)
+    return DigitalOceanClient(settings, tokens, transport=api, metadata_transport=metadata)
 
 
 class OnDemandProvider:

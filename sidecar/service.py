@@ -20,13 +20,13 @@ import trio
 from sidecar import files
 from sidecar.assigner import Assigner
 from sidecar.config import Address, Config, ConfigError
-from sidecar.digitalocean import DigitalOceanClient, ProviderError, TokenError, TokenSource
+from sidecar.digitalocean import ProviderError, TokenError, TokenSource
 from sidecar.election import Event, GainedLeadership, LeaderChanged, LostLeadership
 from sidecar.health import HealthChecker
 from sidecar.hooks import HookRunner
 from sidecar.metrics import Metrics
 from sidecar.node import EventListener, Node
-from sidecar.ondemand import OnDemandProvider
+from sidecar.ondemand import OnDemandProvider, build_client
 from sidecar.reload import plan as reload_plan
 from sidecar.status import StatusApp, serve_status
 from sidecar.transport import bind_problem
@@ -82,7 +82,7 @@ async def _droplet_id(config: Config, tokens: TokenSource) -> int:
         return config.floating_ip.droplet_id
     try:
         with trio.fail_after(30):
-            async with DigitalOceanClient(config.digitalocean, tokens) as client:
+            async with build_client(config.digitalocean, tokens) as client:
                 return await client.metadata_droplet_id()
     except (ProviderError, trio.TooSlowError) as exc:
         raise StartupError(
@@ -249,7 +249,7 @@ async def _run_assigner(
 ) -> None:
     assert config.floating_ip is not None
     droplet_id = await _droplet_id(config, tokens)
-    async with OnDemandProvider(lambda: DigitalOceanClient(config.digitalocean, tokens)) as client:
+    async with OnDemandProvider(lambda: build_client(config.digitalocean, tokens)) as client:
         assigner = Assigner(
             client,
             config.floating_ip.address,

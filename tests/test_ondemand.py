@@ -1,16 +1,29 @@
-"""The assigner's API client is built on its first call (when the node first leads)."""
+"""The assigner's API client is built on its first call (when the node first leads), with
+a CA bundle only where a URL is https."""
 
 from __future__ import annotations
 
+import functools
+import json
 import random
+import ssl
+from pathlib import Path
 
 import httpx
 import pytest
 import trio
+import trustme
 
-from sidecar.digitalocean import APIToken, DigitalOceanClient, DigitalOceanSettings, ProviderError
+from sidecar.digitalocean import (
+    APIToken,
+    DigitalOceanClient,
+    DigitalOceanSettings,
+    NetworkError,
+    ProviderError,
+    TokenSource,
+)
 from sidecar.emulator import Emulator, EmulatorSettings, build_app
-from sidecar.ondemand import OnDemandProvider
+from sidecar.ondemand import OnDemandProvider, build_client
 
 TOKEN = "dop_v1_" + "5eed" * 16
 IP = "203.0.113.10"
@@ -56,3 +69,86 @@ async def test_a_client_that_cannot_be_built_is_a_provider_error_and_is_tried_ag
             await provider.get_reserved_ip(IP)
         assert (await provider.get_reserved_ip(IP)).droplet_id == 1001
     assert attempts == 2 and len(built) == 1
+
+
+# ---------------------------------------------------------------------- build_client
+
+RESERVED_IP = {
+    "reserved_ip": {
+        "ip": IP,
+        "droplet": {"id": 1001, "name": "web", "status": "active"},
+        "region": {"name": "New York 3", "slug": "nyc3", "available": True, "features": []},
+        "locked": False,
+    },
+    "links": {},
+}
+
+
+async def serve(nursery: trio.Nursery, tls: ssl.SSLContext | None = None) -> int:
+    """A loopback server answering the reserved-IP read and the metadata id; its port."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        conn: trio.abc.Stream = stream
+        try:
+            if tls is not None:
+                conn = trio.SSLStream(stream, tls, server_side=True)
+                await conn.do_handshake()
+            head = b""
+            with trio.fail_after(5):
+                while b"\r\n\r\n" not in head:
+                    head += await conn.receive_some(4096)
+            path = head.split(b" ", 2)[1]
+            body = b"1001" if path.endswith(b"/id") else json.dumps(RESERVED_IP).encode()
+            await conn.send_all(
+                b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(body), body)
+            )
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await trio.aclose_forcefully(conn)
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+    return int(listeners[0].socket.getsockname()[1])
+
+
+def token_source(tmp_path: Path) -> TokenSource:
+    path = tmp_path / "do_token"
+    path.write_text(TOKEN + "\n")
+    path.chmod(0o600)
+    return TokenSource(DigitalOceanSettings(token_file=str(path)))
+
+
+async def test_build_client_speaks_http_and_verifies_https(tmp_path: Path) -> None:
+    """Plain http needs no CA bundle; https still verifies: with `ca_file` for the API,
+    and with the system's bundle for https metadata (so a private CA is refused there)."""
+    ca = trustme.CA()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_tls)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    tokens = token_source(tmp_path)
+    async with trio.open_nursery() as nursery:
+        plain, secure = await serve(nursery), await serve(nursery, server_tls)
+        both_http = DigitalOceanSettings(
+            api_url=f"http://127.0.0.1:{plain}", metadata_url=f"http://127.0.0.1:{plain}"
+        )
+        async with build_client(both_http, tokens) as client:
+            assert (await client.get_reserved_ip(IP)).droplet_id == 1001
+            assert await client.metadata_droplet_id() == 1001
+        https_api = DigitalOceanSettings(
+            api_url=f"https://127.0.0.1:{secure}",
+            ca_file=str(ca_file),
+            metadata_url=f"http://127.0.0.1:{plain}",
+        )
+        async with build_client(https_api, tokens) as client:
+            assert (await client.get_reserved_ip(IP)).droplet_id == 1001
+            assert await client.metadata_droplet_id() == 1001
+        https_metadata = DigitalOceanSettings(
+            api_url=f"http://127.0.0.1:{plain}", metadata_url=f"https://127.0.0.1:{secure}"
+        )
+        async with build_client(https_metadata, tokens) as client:
+            assert (await client.get_reserved_ip(IP)).droplet_id == 1001
+            with pytest.raises(NetworkError):  # verified against the system CAs: refused
+                await client.metadata_droplet_id()
+        nursery.cancel_scope.cancel()
