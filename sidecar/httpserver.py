@@ -82,7 +82,7 @@ class Limits:
 
 
 class _ClientError(Exception):
-    """The client sent something to answer with a 4xx and then close the connection."""
+    """The client sent something to answer with an error status, then close the connection."""
 
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)

@@ -3,6 +3,7 @@ a CA bundle only where a URL is https."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import random
@@ -87,29 +88,31 @@ RESERVED_IP = {
 async def serve(nursery: trio.Nursery, tls: ssl.SSLContext | None = None) -> int:
     """A loopback server answering the reserved-IP read and the metadata id; its port."""
 
-    async def handle(stream: trio.SocketStream) -> None:
-        conn: trio.abc.Stream = stream
-        try:
-            if tls is not None:
-                conn = trio.SSLStream(stream, tls, server_side=True)
-                await conn.do_handshake()
+    async def handle(stream: trio.abc.Stream) -> None:
+        async with stream:
             head = b""
-            with trio.fail_after(5):
+            with trio.move_on_after(5):
                 while b"\r\n\r\n" not in head:
-                    head += await conn.receive_some(4096)
+                    head += await stream.receive_some(4096)
             path = head.split(b" ", 2)[1]
             body = b"1001" if path.endswith(b"/id") else json.dumps(RESERVED_IP).encode()
-            await conn.send_all(
+            await stream.send_all(
                 b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
                 % (len(body), body)
             )
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            await trio.aclose_forcefully(conn)
 
-    listeners = await nursery.start(functools.partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
-    return int(listeners[0].socket.getsockname()[1])
+    async def guarded(stream: trio.abc.Stream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await handle(stream)  # a client refusing our certificate hangs up: fine
+
+    if tls is None:
+        server = functools.partial(trio.serve_tcp, guarded, 0, host="127.0.0.1")
+    else:
+        server = functools.partial(trio.serve_ssl_over_tcp, guarded, 0, tls, host="127.0.0.1")
+    listeners = await nursery.start(server)
+    listener = listeners[0]
+    sock = listener.socket if tls is None else listener.transport_listener.socket
+    return int(sock.getsockname()[1])
 
 
 def token_source(tmp_path: Path) -> TokenSource:
