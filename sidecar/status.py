@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sidecar.config import Address
 from sidecar.election import View
-from sidecar.httpserver import HTTPServer, Limits, Response, Route
+from sidecar.httpserver import HTTPServer, Response, Route
 from sidecar.metrics import Metrics
 from sidecar.node import Node
 
@@ -119,9 +119,8 @@ async def serve_status(
     app: StatusApp,
     listen: Address,
     *,
-    limits: Limits | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until cancelled."""
-    server = HTTPServer(app.routes(), not_found=NOT_FOUND, limits=limits)
+    """Serve until cancelled, with `httpserver.Limits`' defaults."""
+    server = HTTPServer(app.routes(), not_found=NOT_FOUND)
     await server.serve(listen.host, listen.port, task_status=task_status)
