@@ -4,19 +4,25 @@ Each command is a thin shell over a module that does the work, so every behaviou
 also usable (and tested) as a library. Config mistakes, and anything else that stops a node
 from starting (a port in use, a missing token), exit 2 with one line naming the key or the
 address, never a traceback.
+
+`emulate` and `demo` keep their flags in their own modules, loaded only when one of them
+runs: a node (`run`) never imports the emulator or the local-cluster code.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import importlib
+import importlib.util
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import trio
 
-from sidecar import __version__, config, files, localcluster, logs, service
+from sidecar import __version__, config, files, logs, service
 from sidecar.protocol import generate_cluster_key
 from sidecar.providers.digitalocean import TOKEN_ENV_VAR, TokenError, TokenSource
 
@@ -89,28 +95,63 @@ def _parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--json", action="store_true", help="print the raw JSON")
 
-    emulate = commands.add_parser(
-        "emulate",
-        help="run the local DigitalOcean API emulator (for tests and demos)",
-        description="A local stand-in for the reserved-IP slice of the DigitalOcean API, "
-        "with an edge that forwards traffic for the IP to whichever droplet holds it.",
-    )
-    from sidecar.emulator import cli as emulator_cli
-
-    emulator_cli.add_arguments(emulate)
-
-    demo = commands.add_parser(
-        "demo",
-        help="run a local three-node cluster with the emulator, edge and web services",
-        description="Start the emulator + edge, three tiny web services and three nodes on "
-        "loopback, print what to try, and run until Ctrl-C (everything is torn down).",
-    )
-    localcluster.add_arguments(demo)
+    for name, delegated in _DELEGATED.items():
+        # Its module parses its flags (and answers --help): see `_Delegated`.
+        commands.add_parser(name, help=delegated.help, add_help=False)
     return parser
 
 
+@dataclass(frozen=True)
+class _Delegated:
+    """A sub-command whose flags and work live in `module` (`add_arguments(parser)` and
+    `run(args)`), imported only when the sub-command runs. `requires` are the packages of
+    the `emulator` extra it needs, which a production install leaves out."""
+
+    help: str
+    description: str
+    module: str
+    requires: tuple[str, ...] = ("hypercorn", "starlette")
+
+    def run(self, name: str, argv: Sequence[str]) -> int:
+        missing = [p for p in self.requires if importlib.util.find_spec(p) is None]
+        if missing:
+            print(
+                f"fip-sidecar {name}: needs the emulator extra ({', '.join(missing)} not "
+                "installed): pip install 'fip-sidecar[emulator]', or the "
+                "fip-sidecar-emulator image",
+                file=sys.stderr,
+            )
+            return EXIT_CONFIG
+        module = importlib.import_module(self.module)
+        parser = argparse.ArgumentParser(prog=f"fip-sidecar {name}", description=self.description)
+        module.add_arguments(parser)
+        return int(module.run(parser.parse_args(argv)))
+
+
+_DELEGATED = {
+    "emulate": _Delegated(
+        help="run the local DigitalOcean API emulator (for tests and demos)",
+        description="A local stand-in for the reserved-IP slice of the DigitalOcean API, "
+        "with an edge that forwards traffic for the IP to whichever droplet holds it.",
+        module="sidecar.emulator.cli",
+    ),
+    "demo": _Delegated(
+        help="run a local three-node cluster with the emulator, edge and web services",
+        description="Start the emulator + edge, three tiny web services and three nodes on "
+        "loopback, print what to try, and run until Ctrl-C (everything is torn down).",
+        module="sidecar.localcluster",
+    ),
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    delegated = _DELEGATED.get(args.command)
+    if delegated is not None:
+        return delegated.run(args.command, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     match args.command:
         case "run":
             return _run(args)
@@ -123,12 +164,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             from sidecar.status_cli import show_status
 
             return show_status(args.url, raw=args.json)
-        case "emulate":
-            from sidecar.emulator import cli as emulator_cli
-
-            return emulator_cli.run(args)
-        case "demo":
-            return localcluster.run(args)
     return EXIT_RUNTIME
 
 

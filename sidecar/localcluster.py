@@ -265,6 +265,9 @@ class LocalCluster:
     `hooks` is every node's `[hooks]` section (e.g. `{"on_gained": [...]}`).
     `reserved_ipv6` adds a reserved IPv6 beside the IPv4 (`[[addresses]]` in each config,
     a second edge on `::1` at `edge6_url`).
+    `python` runs every process; `node_python`, when given, runs the nodes instead (say a
+    production venv without the emulator extra), from the work directory so that the
+    source tree in the caller's directory cannot shadow that interpreter's install.
     """
 
     def __init__(
@@ -285,6 +288,7 @@ class LocalCluster:
         log_level: str = "info",
         ready_timeout: float = 20.0,
         python: str = sys.executable,
+        node_python: str | None = None,
     ) -> None:
         if size < 1:
             raise ValueError("size must be >= 1")
@@ -311,6 +315,7 @@ class LocalCluster:
         self.log_level = log_level
         self.ready_timeout = ready_timeout
         self.python = python
+        self.node_python = node_python
         self.emulator_url: str | None = None
         self.edge_url: str | None = None
         self._helpers: list[_Helper] = []
@@ -477,12 +482,14 @@ class LocalCluster:
     def _spawn(self, member: Member) -> None:
         log = member.log_path.open("ab")
         try:
+            python = self.node_python or self.python
             member.process = subprocess.Popen(
-                [self.python, "-m", "sidecar.cli", "run", "--config", str(member.config_path)],
+                [python, "-m", "sidecar.cli", "run", "--config", str(member.config_path)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
                 env=_child_env(),
+                cwd=None if self.node_python is None else self.workdir,
                 # Own session: a Ctrl-C in the demo's terminal reaches only the demo, which
                 # then stops its children in order.
                 start_new_session=True,

@@ -11,6 +11,7 @@ import logging
 import random
 import signal
 import socket
+import ssl
 from collections.abc import Callable
 
 import msgspec
@@ -30,8 +31,8 @@ from sidecar.health import HealthChecker
 from sidecar.hooks import HookRunner
 from sidecar.metrics import Metrics
 from sidecar.node import EventListener, Node
+from sidecar.ondemand import OnDemandClient, build_client
 from sidecar.providers.digitalocean import (
-    DigitalOceanClient,
     DigitalOceanProvider,
     ProviderError,
     TokenError,
@@ -104,13 +105,26 @@ def _address_listener(hooks: HookRunner, node: Node, address: ManagedAddress) ->
     return on_event
 
 
-async def _droplet_id(config: Config, client: DigitalOceanClient) -> int:
+def _check_ca_file(config: Config) -> None:
+    """Fail at start on a CA bundle that does not load: the API client that needs it is
+    built only when this node first leads (see `ondemand.py`), too late to refuse to start."""
+    ca_file = config.digitalocean.ca_file
+    if not config.addresses or ca_file is None:
+        return
+    try:
+        ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(f"digitalocean.ca_file: cannot load {ca_file} ({exc})") from None
+
+
+async def _droplet_id(config: Config, tokens: TokenSource) -> int:
     assert config.floating_ip is not None
     if config.floating_ip.droplet_id is not None:
         return config.floating_ip.droplet_id
     try:
         with trio.fail_after(30):
-            return await client.metadata_droplet_id()
+            async with build_client(config.digitalocean, tokens) as client:
+                return await client.metadata_droplet_id()
     except (ProviderError, trio.TooSlowError) as exc:
         raise StartupError(
             "floating_ip.droplet_id (droplet_id with [[addresses]]): not set and the "
@@ -130,6 +144,7 @@ async def serve(config: Config, *, reload: Callable[[], Config] | None = None) -
     for warning in files.permission_warnings(config):
         log.warning(warning.message, extra={"event": "insecure_file", "key": warning.key})
     _check_status_port(config.status_listen)
+    _check_ca_file(config)
     tokens = None if config.floating_ip is None else TokenSource(config.digitalocean)
     node = Node(config)
     metrics = Metrics()
@@ -277,9 +292,10 @@ async def _run_assigners(
     task_status: trio.TaskStatus[list[Assigner]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """One assigner per address, each its own task with its own share of the request
-    budget, so one failing address never holds up another; one client (one token)."""
-    async with DigitalOceanClient(config.digitalocean, tokens) as client:
-        droplet_id = await _droplet_id(config, client)
+    budget, so one failing address never holds up another; one client (one token), built
+    when this node first leads (see `ondemand.py`)."""
+    droplet_id = await _droplet_id(config, tokens)
+    async with OnDemandClient(lambda: build_client(config.digitalocean, tokens)) as client:
         provider = DigitalOceanProvider(client)
         leadership = SharedLeadership(node)
         assigners = [

@@ -1,8 +1,9 @@
 """`/healthz`, `/status` (JSON) and `/metrics` (Prometheus text) on a local port.
 
-A tiny ASGI app served by hypercorn on Trio: three read-only GET routes do not need a web
-framework. Every answer is computed when the request arrives, against the clock, so a
-leader whose lease ran out while it was paused never reports `leader`.
+What the routes contain lives here (`StatusApp`); how they are served is `httpserver.py`,
+a small HTTP/1.1 server over h11: three read-only GET routes do not need a web framework.
+Every answer is computed when the request arrives, against the clock, so a leader whose
+lease ran out while it was paused never reports `leader`.
 Other modules add their own part of `/status` with `add_section(name, producer)`.
 """
 
@@ -10,24 +11,21 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Callable
 from typing import Any
 
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sidecar.config import Address
 from sidecar.election import View
+from sidecar.httpserver import HTTPServer, Response, Route
 from sidecar.metrics import Metrics
 from sidecar.node import Node
 
 log = logging.getLogger(__name__)
 
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+NOT_FOUND = "not found: try /status, /metrics or /healthz"
 
 
 def _round(value: float | None) -> float | None:
@@ -67,7 +65,7 @@ def view_to_json(view: View) -> dict[str, Any]:
 
 
 class StatusApp:
-    """The ASGI application; one instance per node."""
+    """What `/healthz`, `/status` and `/metrics` answer; one instance per node."""
 
     def __init__(self, node: Node, metrics: Metrics) -> None:
         self._node = node
@@ -104,53 +102,17 @@ class StatusApp:
                 body[name] = {"error": type(exc).__name__}
         return body
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
-            return
-        if scope["type"] != "http":
-            return
-        if scope["method"] not in ("GET", "HEAD"):
-            await _respond(send, 405, b"method not allowed\n", "text/plain", [(b"allow", b"GET")])
-            return
-        path = scope["path"]
-        if path == "/healthz":
-            await _respond(send, 200, b"ok\n", "text/plain")
-        elif path == "/status":
-            body = json.dumps(self.status(), indent=2).encode() + b"\n"
-            await _respond(send, 200, body, "application/json")
-        elif path == "/metrics":
-            await _respond(send, 200, generate_latest(self._metrics.registry), CONTENT_TYPE_LATEST)
-        else:
-            await _respond(
-                send, 404, b"not found: try /status, /metrics or /healthz\n", "text/plain"
-            )
-
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-
-
-async def _respond(
-    send: Send,
-    status: int,
-    body: bytes,
-    content_type: str,
-    headers: list[tuple[bytes, bytes]] | None = None,
-) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", content_type.encode()), *(headers or [])],
+    def routes(self) -> dict[str, Route]:
+        """What the status server serves, path by path."""
+        return {
+            "/healthz": lambda: Response(b"ok\n", "text/plain; charset=utf-8"),
+            "/status": lambda: Response(
+                json.dumps(self.status(), indent=2).encode() + b"\n", "application/json"
+            ),
+            "/metrics": lambda: Response(
+                generate_latest(self._metrics.registry), CONTENT_TYPE_LATEST
+            ),
         }
-    )
-    await send({"type": "http.response.body", "body": body})
 
 
 async def serve_status(
@@ -159,10 +121,6 @@ async def serve_status(
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until cancelled."""
-    config = HypercornConfig()
-    config.bind = [str(listen)]
-    config.accesslog = None
-    config.errorlog = None
-    config.graceful_timeout = 0.5
-    await serve(app, config, task_status=task_status)  # type: ignore[arg-type]
+    """Serve until cancelled, with `httpserver.Limits`' defaults."""
+    server = HTTPServer(app.routes(), not_found=NOT_FOUND)
+    await server.serve(listen.host, listen.port, task_status=task_status)

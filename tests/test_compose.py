@@ -17,7 +17,9 @@ Containers share the host's CLOCK_MONOTONIC, so `time.monotonic()` here compares
 with the emulator's `*_monotonic` history times and the sidecars' `at_mono` log fields.
 
 Set-up and clean-up: `docker/ensure-docker.sh` (installs and starts an engine if none
-answers), then `docker/build-image.sh` only when `fip-sidecar:local` is missing or older
+answers), then `docker/build-image.sh` for each of the two images (`fip-sidecar:local`,
+the production image the sidecars and web services run, and `fip-sidecar-emulator:local`,
+built with the `emulator` extra, for the emulator) only when it is missing or older
 than a file of its build context (set FIP_REBUILD_IMAGE=1 to force a build). Secrets go to
 a temporary directory; the project name is unique, and `down -v --remove-orphans` plus a
 check that the network is gone run in a `finally`, whatever happened. Every wait is bounded.
@@ -53,6 +55,9 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_DIR = ROOT / "compose"
 COMPOSE_FILE = COMPOSE_DIR / "compose.yaml"
 IMAGE = "fip-sidecar:local"
+EMULATOR_IMAGE = "fip-sidecar-emulator:local"
+#: Each image and the extras it is built with.
+IMAGES = {IMAGE: "", EMULATOR_IMAGE: "emulator"}
 SUBNET = ipaddress.IPv4Network("198.18.10.0/24")
 #: What docker/Dockerfile copies into the image: a newer file here means a stale image.
 BUILD_CONTEXT = (
@@ -128,24 +133,30 @@ def image_created(image: str) -> float | None:
 
 
 @pytest.fixture(scope="module")
-def image() -> str:
-    """An engine that answers and an image no older than its sources; prints what it took."""
+def images() -> dict[str, str]:
+    """An engine that answers and both images no older than their sources; prints what it
+    took. Returns the images by what they are for."""
     if os.geteuid() != 0 and run(["docker", "info"]).returncode != 0:
         pytest.skip("no Docker engine, and not root to start one")
     started = time.monotonic()
     ensure = run(["bash", str(ROOT / "docker" / "ensure-docker.sh")], timeout=900)
     assert ensure.returncode == 0, ensure.stderr
     print(f"\nensure-docker: {time.monotonic() - started:.1f} s")
-    created = image_created(IMAGE)
-    stale = created is None or created < newest_context_mtime()
-    if stale or os.environ.get("FIP_REBUILD_IMAGE") == "1":
-        started = time.monotonic()
-        build = run(["bash", str(ROOT / "docker" / "build-image.sh"), IMAGE], timeout=1500)
-        assert build.returncode == 0, build.stdout[-4000:] + build.stderr[-4000:]
-        print(f"build-image: {time.monotonic() - started:.1f} s")
-    else:
-        print(f"{IMAGE} is newer than its build context: not rebuilt")
-    return IMAGE
+    for image, extras in IMAGES.items():
+        created = image_created(image)
+        stale = created is None or created < newest_context_mtime()
+        if stale or os.environ.get("FIP_REBUILD_IMAGE") == "1":
+            started = time.monotonic()
+            build = run(
+                ["bash", str(ROOT / "docker" / "build-image.sh"), image],
+                timeout=1500,
+                env={**os.environ, "EXTRAS": extras},
+            )
+            assert build.returncode == 0, build.stdout[-4000:] + build.stderr[-4000:]
+            print(f"build-image {image}: {time.monotonic() - started:.1f} s")
+        else:
+            print(f"{image} is newer than its build context: not rebuilt")
+    return {"sidecar": IMAGE, "emulator": EMULATOR_IMAGE}
 
 
 # --------------------------------------------------------------------------- the cluster
@@ -174,7 +185,7 @@ def subnet_in_use() -> str | None:
 class ComposeCluster:
     """One compose project of compose/compose.yaml, with ways to observe and disturb it."""
 
-    def __init__(self, compose: list[str], secrets_dir: Path) -> None:
+    def __init__(self, compose: list[str], secrets_dir: Path, images: dict[str, str]) -> None:
         self.project = f"fiptest{uuid.uuid4().hex[:10]}"
         self.compose = [*compose, "--project-name", self.project, "--file", str(COMPOSE_FILE)]
         self.edge_port = free_loopback_port()
@@ -184,7 +195,8 @@ class ComposeCluster:
             "FIP_SECRETS_DIR": str(secrets_dir),
             "FIP_EDGE_PORT": str(self.edge_port),
             "FIP_API_PORT": str(self.api_port),
-            "FIP_IMAGE": IMAGE,
+            "FIP_IMAGE": images["sidecar"],
+            "FIP_EMULATOR_IMAGE": images["emulator"],
         }
         self.edge = httpx.Client(
             base_url=f"http://127.0.0.1:{self.edge_port}", trust_env=False, timeout=3.0
@@ -349,7 +361,7 @@ class ComposeCluster:
 
 
 @pytest.fixture
-def cluster(image: str, tmp_path: Path) -> Iterator[ComposeCluster]:
+def cluster(images: dict[str, str], tmp_path: Path) -> Iterator[ComposeCluster]:
     compose = compose_command()
     if compose is None:
         pytest.skip("neither docker-compose nor the docker compose plugin is installed")
@@ -359,7 +371,7 @@ def cluster(image: str, tmp_path: Path) -> Iterator[ComposeCluster]:
     secrets_dir = tmp_path / "secrets"
     made = run(["bash", str(COMPOSE_DIR / "make-secrets.sh"), str(secrets_dir)])
     assert made.returncode == 0, made.stderr
-    cluster = ComposeCluster(compose, secrets_dir)
+    cluster = ComposeCluster(compose, secrets_dir, images)
     try:
         yield cluster
     finally:
@@ -447,6 +459,16 @@ def test_sidecars_reach_the_emulator_over_https_with_the_private_ca() -> None:
         assert droplets[DROPLET[node]][1] == f"http://{web_ip}:8080"
     assert droplets[DROPLET[3]][0] not in ips.values()  # the witness is in another region
     assert emulator_flags(spec, "tls-cert") and emulator_flags(spec, "tls-key")
+
+
+def test_only_the_emulator_runs_the_image_with_the_emulator_extra() -> None:
+    """The sidecars must run what a deployment runs: the image without the web framework."""
+    services = compose_spec()["services"]
+    images = {name: service["image"] for name, service in services.items()}
+    assert images.pop("emulator") == "${FIP_EMULATOR_IMAGE:-" + EMULATOR_IMAGE + "}"
+    assert set(images.values()) == {"${FIP_IMAGE:-" + IMAGE + "}"}
+    # The file says how to build both, the way this test does.
+    assert f"EXTRAS=emulator docker/build-image.sh {EMULATOR_IMAGE}" in COMPOSE_FILE.read_text()
 
 
 def test_only_the_edge_and_the_api_are_published_and_only_on_loopback() -> None:

@@ -4,6 +4,10 @@ The docker tests run `docker/ensure-docker.sh` themselves (idempotent: it instal
 an engine only when none answers), then `docker/build-image.sh`, which builds the debootstrap
 stand-in base when it is missing. Containers use `--network none` (their own loopback only),
 so no test traffic leaves them; every container is removed in a `finally`.
+
+Two images come from the one Dockerfile: the production image (no extras: no web
+framework, which a node never needs) and the emulator's (`EXTRAS=emulator`), which compose
+runs for its DigitalOcean API emulator.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "fip-sidecar:local"
+EMULATOR_IMAGE = "fip-sidecar-emulator:local"
+#: The emulator extra's packages (and what they pull in that nothing else does).
+EMULATOR_ONLY = ("hypercorn", "starlette", "h2", "hpack", "hyperframe", "wsproto", "priority")
 VENV_BIN = Path(sys.executable).parent
 SIDECAR_UID = 10001
 CLUSTER_KEY = "3iQ+dIJM3cVPZKsjAMe/JVEX85sO0p03Ahni7cIhq8Y="
@@ -38,9 +45,8 @@ def docker(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]
     return run(["docker", *args], timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def image() -> str:
-    """Make sure an engine runs and the image is built; print what it took."""
+def build(image: str, extras: str = "") -> str:
+    """Make sure an engine runs and build `image` with `extras`; print what it took."""
     if os.geteuid() != 0 and run(["docker", "info"]).returncode != 0:
         pytest.skip("no Docker engine, and not root to start one")
     started = time.monotonic()
@@ -54,18 +60,31 @@ def image() -> str:
     assert ensure.returncode == 0, ensure.stderr
     print(f"\nensure-docker: {time.monotonic() - started:.1f} s")
     started = time.monotonic()
-    build = subprocess.run(
-        ["bash", str(ROOT / "docker" / "build-image.sh"), IMAGE],
+    built = subprocess.run(
+        ["bash", str(ROOT / "docker" / "build-image.sh"), image],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         timeout=1500,
+        env={**os.environ, "EXTRAS": extras},
     )
-    assert build.returncode == 0, build.stdout[-4000:] + build.stderr[-4000:]
+    assert built.returncode == 0, built.stdout[-4000:] + built.stderr[-4000:]
     print(f"build-image (base if missing + image): {time.monotonic() - started:.1f} s")
-    size = int(docker("image", "inspect", "--format", "{{.Size}}", IMAGE).stdout)
-    print(f"image {IMAGE}: {size / 1e6:.1f} MB")
-    return IMAGE
+    size = int(docker("image", "inspect", "--format", "{{.Size}}", image).stdout)
+    print(f"image {image}: {size / 1e6:.1f} MB")
+    return image
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    """The production image."""
+    return build(IMAGE)
+
+
+@pytest.fixture(scope="module")
+def emulator_image() -> str:
+    """The image with the `emulator` extra."""
+    return build(EMULATOR_IMAGE, "emulator")
 
 
 @pytest.fixture
@@ -136,6 +155,59 @@ def test_dockerfile_uses_no_buildkit_only_features() -> None:
     assert "--mount" not in text and "# syntax=" not in text
     assert "ARG BASE_IMAGE=python:3.12-slim" in text
     assert text.count("FROM ${BASE_IMAGE}") == 2
+    assert 'ARG EXTRAS=""' in text  # the default build is the production image
+
+
+def find_specs_probe(names: tuple[str, ...]) -> str:
+    return f"import importlib.util as u; print([n for n in {names!r} if u.find_spec(n)])"
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_production_image_has_no_web_framework(image: str, containers: list[str]) -> None:
+    """The emulator's framework is an extra: the image a node runs does not carry it, and
+    asking it to emulate says what to install instead of a traceback."""
+    probe = find_specs_probe(EMULATOR_ONLY)
+    found = run_in_image(image, containers, None, "-c", probe, entrypoint="python3")
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.strip() == "[]"
+    emulate = run_in_image(image, containers, None, "emulate", "--listen", "127.0.0.1:8443")
+    assert emulate.returncode == 2, emulate.stdout + emulate.stderr
+    assert "Traceback" not in emulate.stderr
+    assert "fip-sidecar[emulator]" in emulate.stderr
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_emulator_image_runs_the_emulator(emulator_image: str, containers: list[str]) -> None:
+    probe = find_specs_probe(("hypercorn", "starlette"))
+    found = run_in_image(emulator_image, containers, None, "-c", probe, entrypoint="python3")
+    assert found.stdout.strip() == "['hypercorn', 'starlette']", found.stderr
+    helped = run_in_image(emulator_image, containers, None, "emulate", "--help")
+    assert helped.returncode == 0 and "--reserved-ip" in helped.stdout, helped.stderr
+    # It serves: started detached, the API answers inside the container's own namespace.
+    name = f"fip-test-{uuid.uuid4().hex[:10]}"
+    containers.append(name)
+    started = docker(
+        "run", "--detach", "--name", name, "--network", "none", "--env", "FIP_EMULATOR_TOKEN=t",
+        emulator_image, "emulate", "--listen", "127.0.0.1:8443",
+        "--reserved-ip", "203.0.113.10=nyc1",
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    ask = (
+        "import json, urllib.request as r;"
+        "q = r.Request('http://127.0.0.1:8443/v2/reserved_ips/203.0.113.10',"
+        " headers={'Authorization': 'Bearer t'});"
+        "print(json.load(r.urlopen(q, timeout=2))['reserved_ip']['ip'])"
+    )
+    deadline = time.monotonic() + 60
+    answer = docker("exec", name, "python3", "-c", ask)
+    while answer.stdout.strip() != "203.0.113.10" and time.monotonic() < deadline:
+        time.sleep(0.5)
+        answer = docker("exec", name, "python3", "-c", ask)
+    assert answer.stdout.strip() == "203.0.113.10", answer.stderr + docker("logs", name).stderr
 
 
 @pytest.mark.docker

@@ -126,7 +126,7 @@ def ip_section(api_port: int, *, droplet_id: bool = True, token_file: str | None
     return "\n".join(lines) + "\n"
 
 
-# ---------------------------------------------------------------------- the seven cases
+# ---------------------------------------------------------------------- the eight cases
 
 
 def test_udp_port_in_use(tmp_path: Path, ports: tuple[int, int]) -> None:
@@ -185,6 +185,25 @@ def test_droplet_id_without_a_metadata_service(
     extra = ip_section(closed_port, droplet_id=False, token_file=str(token))
     config = write_config(tmp_path, *ports, extra=extra)
     assert_one_line(*run_node(config), "floating_ip.droplet_id", "digitalocean.metadata_url")
+
+
+def test_ca_file_that_does_not_load(
+    tmp_path: Path, ports: tuple[int, int], closed_port: int
+) -> None:
+    """The API client is built only when the node first leads; its CA bundle is still
+    checked at start, where a mistake can end the process before it joins the election."""
+    token = tmp_path / "do_token"
+    token.write_text("dop_v1_" + "ab" * 32 + "\n")
+    token.chmod(0o600)
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_text(
+        "-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n"
+    )
+    extra = (
+        ip_section(closed_port, token_file=str(token)) + f"ca_file = {json.dumps(str(ca_file))}\n"
+    )
+    config = write_config(tmp_path, *ports, extra=extra)
+    assert_one_line(*run_node(config), "digitalocean.ca_file", str(ca_file))
 
 
 # ---------------------------------------------------------------------- a second process

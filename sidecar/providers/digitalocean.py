@@ -43,7 +43,7 @@ import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping
-from typing import Annotated, Any, Final, Literal, NamedTuple, TypeVar
+from typing import Annotated, Any, Final, Literal, NamedTuple, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -1036,6 +1036,18 @@ def _translate(exc: ProviderError) -> base.ProviderError:
     return base.Unavailable(message, **common)
 
 
+class ReservedAddressCalls(Protocol):
+    """The `DigitalOceanClient` calls the provider makes: the client itself, or a stand-in
+    that builds it on first use (`sidecar.ondemand.OnDemandClient`)."""
+
+    async def get_reserved_ip(self, ip: str) -> ReservedIP: ...
+    async def get_reserved_ipv6(self, ip: str) -> ReservedIP: ...
+    async def assign(self, ip: str, droplet_id: int) -> Action: ...
+    async def assign_ipv6(self, ip: str, droplet_id: int) -> Action: ...
+    async def get_ip_action(self, ip: str, action_id: int, *, fallback: bool = True) -> Action: ...
+    async def get_action(self, action_id: int) -> Action: ...
+
+
 class DigitalOceanProvider:
     """`providers.base.Provider` over a `DigitalOceanClient`, for both address families.
 
@@ -1045,7 +1057,7 @@ class DigitalOceanProvider:
     are followed through `/v2/actions/{id}` alone (scope `actions:read`).
     """
 
-    def __init__(self, client: DigitalOceanClient) -> None:
+    def __init__(self, client: ReservedAddressCalls) -> None:
         self._client = client
 
     def __repr__(self) -> str:
