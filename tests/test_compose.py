@@ -68,6 +68,8 @@ BUILD_CONTEXT = (
     "docker/healthcheck.py",
 )
 DROPLET = {1: 1001, 2: 1002, 3: 1003}
+#: The reserved addresses the compose cluster serves (one per family), each with its edge.
+RESERVED_ADDRESSES = ("203.0.113.10", "2001:db8::10")
 SIDECAR_NODE = {"sidecar1": 1, "sidecar2": 2, "sidecar3": 3}
 STATUS_URL_PORT = 9401
 
@@ -189,17 +191,25 @@ class ComposeCluster:
         self.project = f"fiptest{uuid.uuid4().hex[:10]}"
         self.compose = [*compose, "--project-name", self.project, "--file", str(COMPOSE_FILE)]
         self.edge_port = free_loopback_port()
+        self.edge6_port = free_loopback_port()
         self.api_port = free_loopback_port()
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "FIP_"))},
             "FIP_SECRETS_DIR": str(secrets_dir),
             "FIP_EDGE_PORT": str(self.edge_port),
+            "FIP_EDGE6_PORT": str(self.edge6_port),
             "FIP_API_PORT": str(self.api_port),
             "FIP_IMAGE": images["sidecar"],
             "FIP_EMULATOR_IMAGE": images["emulator"],
         }
         self.edge = httpx.Client(
             base_url=f"http://127.0.0.1:{self.edge_port}", trust_env=False, timeout=3.0
+        )
+        #: The edge of the reserved IPv6 (2001:db8::10), published on 127.0.0.1 like the
+        #: IPv4's: what it forwards to is chosen by the address it serves, not by the family
+        #: the client speaks.
+        self.edge6 = httpx.Client(
+            base_url=f"http://127.0.0.1:{self.edge6_port}", trust_env=False, timeout=3.0
         )
         self.api = httpx.Client(
             base_url=f"https://127.0.0.1:{self.api_port}",
@@ -222,6 +232,7 @@ class ComposeCluster:
         """Remove containers, volumes and the network, by force if compose could not;
         then fail if anything was left behind."""
         self.edge.close()
+        self.edge6.close()
         self.api.close()
         problem = ""
         try:
@@ -275,16 +286,20 @@ class ComposeCluster:
         return entries
 
     def holder_entry(self, droplet: int, since: float) -> dict[str, Any] | None:
-        """The history entry that gave the IP to `droplet`, requested after `since`
-        (CLOCK_MONOTONIC), if it is the latest completed one; else None."""
+        """The newest history entry that gave an address to `droplet`, requested after
+        `since` (CLOCK_MONOTONIC), once every reserved address's latest completed entry
+        gives it to `droplet` (the leader holds them all); else None."""
         try:
             entries = self.history()
         except httpx.HTTPError:
             return None
-        if entries and entries[-1]["droplet_id"] == droplet:
-            entry = entries[-1]
-            if entry["requested_monotonic"] > since:
-                return entry
+        latest = {entry["reserved_ip"]: entry for entry in entries}
+        if set(latest) != set(RESERVED_ADDRESSES):
+            return None
+        if all(entry["droplet_id"] == droplet for entry in latest.values()):
+            newest = max(latest.values(), key=lambda entry: entry["completed_monotonic"])
+            if newest["requested_monotonic"] > since:
+                return newest
         return None
 
     def wait_for_holder(self, droplet: int, since: float, timeout: float) -> dict[str, Any]:
@@ -295,21 +310,26 @@ class ComposeCluster:
             interval=0.1,
         )
 
-    def edge_answer(self) -> str | None:
+    def edge_answer(self, edge: httpx.Client) -> str | None:
         try:
-            response = self.edge.get("/")
+            response = edge.get("/")
         except httpx.HTTPError:
             return None
         return response.text if response.status_code == 200 else None
 
     def wait_for_edge(self, droplet: int, timeout: float) -> float:
-        """Until a `curl` of the edge answers from `droplet`; the monotonic time it did."""
+        """Until a `curl` of both edges (IPv4 and IPv6) answers from `droplet`; the
+        monotonic time the second of them did."""
+        seen: dict[str, float] = {}
 
         def probe() -> float | None:
-            answer = self.edge_answer()
-            return time.monotonic() if answer and f"droplet {droplet} " in answer else None
+            for family, edge in (("ipv4", self.edge), ("ipv6", self.edge6)):
+                answer = self.edge_answer(edge)
+                if family not in seen and answer and f"droplet {droplet} " in answer:
+                    seen[family] = time.monotonic()
+            return max(seen.values()) if len(seen) == 2 else None
 
-        return wait_for(f"the edge to answer from droplet {droplet}", probe, timeout, 0.05)
+        return wait_for(f"both edges to answer from droplet {droplet}", probe, timeout, 0.05)
 
     def node_status(self, service: str) -> dict[str, Any] | None:
         """The sidecar's /status, read inside its namespace (the port is not published)."""
@@ -476,6 +496,7 @@ def test_only_the_edge_and_the_api_are_published_and_only_on_loopback() -> None:
     published = {name: s.get("ports", []) for name, s in services.items() if s.get("ports")}
     assert list(published) == ["emulator"]
     assert all(port.startswith("127.0.0.1:") for port in published["emulator"])
+    assert [port.rsplit(":", 1)[1] for port in published["emulator"]] == ["8000", "8001", "8443"]
 
 
 def test_secrets_are_files_outside_the_compose_file_and_git_ignored() -> None:
@@ -556,7 +577,7 @@ def report(label: str, fault_at: float, entry: dict[str, Any], edge_at: float) -
     print(
         f"{label}: assign requested after {entry['requested_monotonic'] - fault_at:.2f} s, "
         f"IP moved (action completed) after {entry['completed_monotonic'] - fault_at:.2f} s, "
-        f"edge answered from droplet {entry['droplet_id']} after {edge_at - fault_at:.2f} s"
+        f"both edges answered from droplet {entry['droplet_id']} after {edge_at - fault_at:.2f} s"
     )
 
 
