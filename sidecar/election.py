@@ -865,15 +865,18 @@ class Election:
                 ack,
             )
             ready.sends.append(Outgoing(peer_id, msg))
-        self._answer = False
+        answered, self._answer = self._answer, False
         interval = self.timing.heartbeat_interval
-        if leader is not None and leader != self.node_id:
+        if answered and leader is not None and leader != self.node_id:
             # Phase-locked to the leader: its next heartbeat, which we answer at once,
             # normally comes first; this timer only covers one that is lost.
             self._next_heartbeat = now + interval * FOLLOWER_FALLBACK
         else:
             # On a grid of the interval (our monotonic clock), so that an early send (news
-            # to tell) does not shift every later one: fewer distinct wake-ups.
+            # to tell) does not shift every later one: fewer distinct wake-ups. After a
+            # fallback too: repeated fallbacks would fall on the promise's own lapse
+            # (lease_timeout from the last answer), and a heartbeat sent just before the
+            # lapse, overtaken by the one announcing it, would delay the election.
             self._next_heartbeat = (math.floor(now / interval) + 1) * interval
             if self._next_heartbeat <= now:  # float rounding at a grid point
                 self._next_heartbeat += interval
