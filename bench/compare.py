@@ -11,7 +11,8 @@ Measured for each system:
   fault -> the other node's leadership (keepalived: its fifo reader's CLOCK_MONOTONIC
   stamp; sidecar: `gained.at_mono` from its log), and fault -> the IP moved (emulator's
   `completed_monotonic`, which includes the emulator's action time, the same for both);
-- idle CPU (% of one core) and RSS per node, from /proc over `--idle-seconds`;
+- idle CPU (% of one core; the leader/MASTER and the followers/BACKUP apart), RSS and PSS
+  per node, from /proc over `--idle-windows` windows of `--idle-seconds` each;
 - false failovers (leadership changes and IP moves) while every node's link has 5 % loss
   and 20 +- 10 ms jitter for `--steady-seconds`.
 
@@ -23,6 +24,8 @@ master-down), `matched` (VRRPv3, advert_int 0.1 s, the sidecar's heartbeat), `fa
 Run as root from the repository root:
     .venv/bin/python bench/compare.py --trials 10 --steady-seconds 60      # quick (~15 min)
     .venv/bin/python bench/compare.py                                      # full (600 s soak)
+    .venv/bin/python bench/compare.py --node-python /tmp/prodvenv/bin/python   # nodes from a
+        # production venv (`python3 -m venv /tmp/prodvenv && /tmp/prodvenv/bin/pip install .`)
 """
 
 from __future__ import annotations
@@ -132,8 +135,26 @@ def _rss_bytes(pid: int) -> int:
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_SIZE
 
 
-def idle_usage(pids_of: dict[int, list[int]], seconds: float) -> dict[int, tuple[float, float]]:
-    """node -> (CPU % of one core over `seconds`, RSS MiB at the end), all its processes."""
+def _pss_bytes(pid: int) -> int:
+    """Proportional set size: shared pages (libpython, trio's modules) split among the
+    processes mapping them, so the sum over nodes on one host is what they really cost."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+@dataclass(frozen=True)
+class Usage:
+    """One node over one idle window: CPU % of one core, RSS and PSS in MiB at the end."""
+
+    cpu: float
+    rss: float
+    pss: float
+
+
+def idle_usage(pids_of: dict[int, list[int]], seconds: float) -> dict[int, Usage]:
+    """node -> its `Usage` over `seconds`, summed over all its processes."""
     before = {node: sum(_cpu_ticks(p) for p in pids) for node, pids in pids_of.items()}
     started = time.monotonic()
     time.sleep(seconds)
@@ -141,8 +162,11 @@ def idle_usage(pids_of: dict[int, list[int]], seconds: float) -> dict[int, tuple
     usage = {}
     for node, pids in pids_of.items():
         ticks = sum(_cpu_ticks(p) for p in pids) - before[node]
-        rss = sum(_rss_bytes(p) for p in pids) / 2**20
-        usage[node] = (100.0 * ticks / CLK_TCK / elapsed, rss)
+        usage[node] = Usage(
+            cpu=100.0 * ticks / CLK_TCK / elapsed,
+            rss=sum(_rss_bytes(p) for p in pids) / 2**20,
+            pss=sum(_pss_bytes(p) for p in pids) / 2**20,
+        )
     return usage
 
 
@@ -327,10 +351,10 @@ vrrp_instance fip {{
 
 
 class SidecarSystem(System):
-    def __init__(self, lab: netns.Lab, profile: str = "lan") -> None:
+    def __init__(self, lab: netns.Lab, profile: str = "lan", python: str | None = None) -> None:
         self.name = "fip-sidecar" if profile == "lan" else f"fip-sidecar-{profile}"
         self.lab = lab
-        self.cluster = SidecarCluster(lab, profile=profile)
+        self.cluster = SidecarCluster(lab, profile=profile, python=python)
         self.api = self.cluster.api
 
     def start(self) -> None:
@@ -375,8 +399,10 @@ class Results:
     kill_ip: list[float] = field(default_factory=list)
     link_leader: list[float] = field(default_factory=list)
     link_ip: list[float] = field(default_factory=list)
-    cpu: list[float] = field(default_factory=list)
+    cpu_leader: list[float] = field(default_factory=list)
+    cpu_follower: list[float] = field(default_factory=list)
     rss: list[float] = field(default_factory=list)
+    pss: list[float] = field(default_factory=list)
     false_leader_changes: int | None = None
     false_ip_moves: int | None = None
     steady_seconds: float = 0.0
@@ -437,11 +463,17 @@ def measure_failover(
 def run_system(system: System, args: argparse.Namespace) -> Results:
     results = Results()
     system.start()
-    wait_settled(system)
-    print(f"[{system.name}] idle for {args.idle_seconds}s", flush=True)
-    for cpu, rss in idle_usage(system.pids(), args.idle_seconds).values():
-        results.cpu.append(cpu)
-        results.rss.append(rss)
+    for window in range(args.idle_windows):
+        leader = wait_settled(system)
+        print(
+            f"[{system.name}] idle window {window + 1}/{args.idle_windows}: "
+            f"{args.idle_seconds}s, leader n{leader}",
+            flush=True,
+        )
+        for node, usage in idle_usage(system.pids(), args.idle_seconds).items():
+            (results.cpu_leader if node == leader else results.cpu_follower).append(usage.cpu)
+            results.rss.append(usage.rss)
+            results.pss.append(usage.pss)
     for trial in range(args.trials):
         print(f"[{system.name}] trial {trial + 1}/{args.trials}: kill -9, link down", flush=True)
         if not measure_failover(
@@ -505,10 +537,14 @@ def print_table(all_results: dict[str, Results], baseline: str = "fip-sidecar") 
          lambda r: percentile(r.link_leader, 0.5)),
         ("link down -> IP moved (p50/p99)", lambda r: _fmt(r.link_ip, "s"),
          lambda r: percentile(r.link_ip, 0.5)),
-        ("idle CPU per node (p50/max)", lambda r: _fmt(r.cpu, "%", 2),
-         lambda r: percentile(r.cpu, 0.5)),
+        ("idle CPU, leader (p50/max)", lambda r: _fmt(r.cpu_leader, "%", 2),
+         lambda r: percentile(r.cpu_leader, 0.5)),
+        ("idle CPU, followers (p50/max)", lambda r: _fmt(r.cpu_follower, "%", 2),
+         lambda r: percentile(r.cpu_follower, 0.5)),
         ("RSS per node (p50/max)", lambda r: _fmt(r.rss, "MiB", 1),
          lambda r: percentile(r.rss, 0.5)),
+        ("PSS per node (p50/max)", lambda r: _fmt(r.pss, "MiB", 1),
+         lambda r: percentile(r.pss, 0.5)),
         ("false leader changes under loss", lambda r: _count(r.false_leader_changes, r),
          lambda r: r.false_leader_changes),
         ("false IP moves under loss", lambda r: _count(r.false_ip_moves, r),
@@ -552,6 +588,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steady-seconds", type=float, default=600.0, help="lossy soak")
     parser.add_argument("--idle-seconds", type=float, default=30.0, help="CPU/RSS window")
     parser.add_argument(
+        "--idle-windows",
+        type=int,
+        default=3,
+        help="idle windows per system (CPU per window and node: leader and followers apart)",
+    )
+    parser.add_argument(
+        "--node-python",
+        default=None,
+        help="run the fip-sidecar nodes with this interpreter, e.g. a production venv's "
+        "(python3 -m venv /tmp/prodvenv && /tmp/prodvenv/bin/pip install .), not the dev one",
+    )
+    parser.add_argument(
         "--keepalived-profiles",
         default="default,matched,fastest",
         help=f"comma-separated, of {', '.join(KEEPALIVED_PROFILES)} (empty: none)",
@@ -578,7 +626,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_sidecar:
         for sidecar_profile in [p for p in args.sidecar_profiles.split(",") if p]:
             label = "fip-sidecar" if sidecar_profile == "lan" else f"fip-sidecar-{sidecar_profile}"
-            plans.append((label, functools.partial(SidecarSystem, profile=sidecar_profile)))
+            plans.append(
+                (
+                    label,
+                    functools.partial(
+                        SidecarSystem, profile=sidecar_profile, python=args.node_python
+                    ),
+                )
+            )
     for name in profiles:
         profile = KEEPALIVED_PROFILES[name]
         plans.append((f"keepalived-{name}", functools.partial(KeepalivedPair, profile=profile)))

@@ -15,7 +15,10 @@ Why the rules are safe (the argument the tests check):
 * A leader's *lease* runs from the **send** time of the newest heartbeat or vote request
   that a majority (itself included) promised on, for lease_timeout * (1 - max_drift). The
   send precedes every receipt, and a clock running up to max_drift faster or slower cannot
-  make the shortened lease outlast any promise it is based on.
+  make the shortened lease outlast any promise it is based on. A promise travels back in
+  the follower's next heartbeat (`Ack`, sent at once in answer to the leader's): however
+  late, lost or reordered it arrives, it only names a send time the leader recorded itself,
+  so it can make the lease shorter than it might be, never longer than the promise.
 * A new leader needs a majority of votes; that majority shares a node with the majority
   behind any older lease, and that node votes only once its promise has run out, which is
   after the older lease has run out. So two leases never overlap in real time. Terms order
@@ -51,6 +54,7 @@ after that node has been viable for preempt_delay.
 from __future__ import annotations
 
 import enum
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -59,6 +63,12 @@ from sidecar.messages import Ack, Heartbeat, Message, Resign, VoteRequest, VoteR
 
 #: How many heartbeat send times a node remembers, to match acks and measure RTT.
 _SENT_HISTORY = 64
+
+#: While following a live leader, a node's own heartbeat timer is only the fallback: it
+#: answers each of the leader's heartbeats at once (phase-locked to the leader), and sends
+#: on its own after this many intervals without one. The margin keeps network jitter from
+#: making the fallback fire just before the leader's heartbeat (two sends an interval).
+FOLLOWER_FALLBACK = 1.5
 
 
 class Role(enum.StrEnum):
@@ -283,6 +293,9 @@ class Election:
         # a late Ack or VoteResponse meant for a predecessor never matches our own request.
         self._seq = rng.randrange(1 << 48)
         self._sent: dict[int, float] = {}  # seq -> send time (heartbeats and vote requests)
+        # peer -> (seq, promised, receipt time) of its newest heartbeat our next one answers
+        self._unacked: dict[int, tuple[int, bool, float]] = {}
+        self._answer = False  # a leader's heartbeat arrived: answer it with ours at once
         self._promised_at: dict[int, float] = {}  # peer -> send time it promised on (this stint)
         self._round_until = float("-inf")
         self._next_vote_send = float("-inf")
@@ -340,6 +353,8 @@ class Election:
                 self._abandon_round()  # its votes were counted under the dropped membership
         for gone in set(self._promised_at) - set(self.peers):
             del self._promised_at[gone]
+        for gone in set(self._unacked) - set(self.peers):
+            del self._unacked[gone]
         if self._follow is not None and self._follow not in self.peers:
             self._follow, self._follow_until = None, min(self._follow_until, now)
         return self.tick(now)
@@ -365,6 +380,7 @@ class Election:
         peer.leader_id = None
         peer.heard_since = now
         peer.rtt = None
+        self._unacked.pop(peer_id, None)
         self._expire(now, ready)
         self._advance(now, ready)
         return ready
@@ -383,9 +399,7 @@ class Election:
             self._adopt_term(msg.term, sender)
         match msg:
             case Heartbeat():
-                self._on_heartbeat(peer, msg, now, ready)
-            case Ack():
-                self._on_ack(peer, msg, now, ready)
+                self._on_heartbeat(peer, msg, now)
             case VoteRequest():
                 self._on_vote_request(peer, msg, now, ready)
             case VoteResponse():
@@ -552,7 +566,9 @@ class Election:
 
     # ------------------------------------------------------------------ message handlers
 
-    def _on_heartbeat(self, peer: PeerState, msg: Heartbeat, now: float, ready: Ready) -> None:
+    def _on_heartbeat(self, peer: PeerState, msg: Heartbeat, now: float) -> None:
+        if msg.ack is not None:
+            self._on_ack(peer, msg.ack, now)
         peer.term = msg.term
         peer.leader_id = msg.leader_id
         peer.leading = msg.leading
@@ -568,7 +584,12 @@ class Election:
             self._follow_until = self._promise_until
             if self.role is Role.CANDIDATE:
                 self._abandon_round()
-        ready.sends.append(Outgoing(peer.id, Ack(self.term, msg.seq, promised)))
+        self._unacked[peer.id] = (msg.seq, promised, now)
+        # Answer a leader at once: its lease is renewed one round trip after its heartbeat,
+        # as with a separate ack, and our heartbeat rides along. A leader never answers at
+        # once (our answer has `leading` false), so two nodes can never ping-pong.
+        if msg.leading and self.role_at(now) is not Role.LEADER:
+            self._answer = True
 
     def _accept_leader(self, leader: int, now: float) -> bool:
         """May we promise to `leader`? Not while leading ourselves or promised to another."""
@@ -584,12 +605,16 @@ class Election:
         self._promise_to = leader
         self._promise_until = now + self.timing.lease_timeout
 
-    def _on_ack(self, peer: PeerState, msg: Ack, now: float, ready: Ready) -> None:
-        sent_at = self._sent.get(msg.seq)
+    def _on_ack(self, peer: PeerState, ack: Ack, now: float) -> None:
+        sent_at = self._sent.get(ack.seq)
         if sent_at is None:
             return
-        peer.rtt = now - sent_at
-        if msg.promised and self.role is Role.LEADER:
+        # `held` comes from the peer's clock and only corrects the RTT; a nonsensical one
+        # (negative, NaN, longer than the whole exchange) leaves the RTT unknown this time.
+        elapsed = now - sent_at
+        if 0.0 <= ack.held <= elapsed:
+            peer.rtt = elapsed - ack.held
+        if ack.promised and self.role is Role.LEADER:
             self._record_promise(peer.id, sent_at, now)
 
     def _on_vote_request(self, peer: PeerState, msg: VoteRequest, now: float, ready: Ready) -> None:
@@ -702,7 +727,7 @@ class Election:
         self._announced_starting = starting
         # Tell peers at once when what we report changes: it saves them a heartbeat
         # interval when a leader is lost or a node becomes able to stand.
-        if changed or now >= self._next_heartbeat:
+        if changed or self._answer or now >= self._next_heartbeat:
             self._send_heartbeats(now, ready)
 
     def _viable(self, now: float) -> bool:
@@ -820,20 +845,41 @@ class Election:
         seq = self._next_seq(now)
         if leading and self._alone_is_majority():
             self._lease_until = self._lease_end(now)
-        msg = Heartbeat(
-            term=self.term,
-            seq=seq,
-            leader_id=self.leader_at(now),
-            leading=leading,
-            eligible=self.eligible,
-            healthy=self.healthy,
-            viable=self._viable(now),
-            ready_to_preempt=self._ready_to_preempt(now),
-            starting=self._starting(now),
-        )
+        leader = self.leader_at(now)
+        viable = self._viable(now)
+        ready_to_preempt = self._ready_to_preempt(now)
+        starting = self._starting(now)
         for peer_id in self.peers:
+            unacked = self._unacked.pop(peer_id, None)
+            ack = None if unacked is None else Ack(unacked[0], unacked[1], now - unacked[2])
+            msg = Heartbeat(
+                self.term,
+                seq,
+                leader,
+                leading,
+                self.eligible,
+                self.healthy,
+                viable,
+                ready_to_preempt,
+                starting,
+                ack,
+            )
             ready.sends.append(Outgoing(peer_id, msg))
-        self._next_heartbeat = now + self.timing.heartbeat_interval
+        answered, self._answer = self._answer, False
+        interval = self.timing.heartbeat_interval
+        if answered and leader is not None and leader != self.node_id:
+            # Phase-locked to the leader: its next heartbeat, which we answer at once,
+            # normally comes first; this timer only covers one that is lost.
+            self._next_heartbeat = now + interval * FOLLOWER_FALLBACK
+        else:
+            # On a grid of the interval (our monotonic clock), so that an early send (news
+            # to tell) does not shift every later one: fewer distinct wake-ups. After a
+            # fallback too: repeated fallbacks would fall on the promise's own lapse
+            # (lease_timeout from the last answer), and a heartbeat sent just before the
+            # lapse, overtaken by the one announcing it, would delay the election.
+            self._next_heartbeat = (math.floor(now / interval) + 1) * interval
+            if self._next_heartbeat <= now:  # float rounding at a grid point
+                self._next_heartbeat += interval
 
     def _starting(self, now: float) -> bool:
         return (

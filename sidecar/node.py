@@ -1,9 +1,14 @@
-"""The Trio runtime around the election core: a UDP socket, and one task that owns the core.
+"""The Trio runtime around the election core: UDP sockets, and the calls into the core.
 
-One task (`_drive`) owns the `Election` object; everything else talks to it through a
-memory channel of inputs (packets, health changes, shut-down), so no two tasks ever share
-mutable election state. That task sleeps until the core's own `next_deadline`, so an idle
-node wakes only to send heartbeats, not on a polling timer.
+The `Election` object has one owner at a time, by construction rather than by a task: every
+call into it is synchronous and is followed, without an `await` in between, by sending what
+it returned, and Trio runs one task at a time on one thread. So no two calls interleave and
+no task sees the core half-updated. Packets are stepped in the receive task that read them
+(handing them to another task through a channel cost a scheduling pass per wake-up, about
+a sixth of an idle node's CPU); time, health changes, reloads and shut-down are handled by
+`_drive`, which sleeps until the core's own `next_deadline`. A receive task that changes
+that deadline moves `_drive`'s cancel scope deadline, so an idle node wakes only to send
+heartbeats and to read packets, never on a polling timer.
 
 Embedding programs (the assigner, hooks, another Trio program using this as a library)
 get leadership three ways, all Trio-friendly: `subscribe()` yields every event on a memory
@@ -17,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import random
 import secrets
 import socket
@@ -37,27 +43,22 @@ from sidecar.election import (
     Role,
     View,
 )
-from sidecar.messages import Ack, Message
+from sidecar.messages import Heartbeat, Message
 from sidecar.peers import PeerTracker, Verdict
 from sidecar.protocol import MAX_PACKET_SIZE, Codec, Decoded, DropReason, MessageTooLarge, Refused
 from sidecar.transport import ElectionSockets
 
 log = logging.getLogger(__name__)
 
-#: Pending inputs before the receiver waits (the kernel's socket buffer then absorbs a burst).
+#: Pending inputs (health changes, reloads, shut-down) for `_drive`.
 _INPUT_BUFFER = 256
 #: Datagrams read per wake-up: a flood is handled in batches, not one scheduling pass each.
 _RECEIVE_BATCH = 64
 _SUBSCRIBER_BUFFER = 64
-
-
-@dataclass(frozen=True, slots=True)
-class _Packets:
-    """Authenticated messages drained from the socket in one wake-up: (sender, message),
-    and the peers that turned out to be new processes (told to the core first)."""
-
-    batch: list[tuple[int, Message]]
-    restarted: list[int]
+#: RTT goes into the /metrics histogram at most this often per peer (seconds): a
+#: histogram needs samples, not every ack (one observation per ack was 2-4 % of the CPU).
+#: `/status` and the `fip_peer_rtt_seconds` gauge show the latest measurement anyway.
+_RTT_SAMPLE_PERIOD = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +78,7 @@ class _Reconfigure:
     done: trio.Event
 
 
-_Input = _Packets | _HealthChanged | _Shutdown | _Reconfigure
+_Input = _HealthChanged | _Shutdown | _Reconfigure
 
 
 @dataclass(slots=True)
@@ -133,8 +134,13 @@ class Node:
         self._elections_seen = 0
         self._sockets: ElectionSockets | None = None
         self._stopped = trio.Event()
-        #: Called with (peer id, seconds) for every acknowledged heartbeat, e.g. by metrics.
+        #: Called with (peer id, seconds) for an RTT measured from an acknowledged heartbeat,
+        #: at most once per `_RTT_SAMPLE_PERIOD` per peer, e.g. by metrics.
         self.rtt_observer: Callable[[int, float], None] | None = None
+        self._rtt_sampled: dict[int, float] = {}
+        #: `_drive`'s wait for its next input: a receive task moves its deadline when a
+        #: packet changed the core's `next_deadline`.
+        self._timer: trio.CancelScope | None = None
 
     # ------------------------------------------------------------------ embedding API
 
@@ -327,10 +333,10 @@ class Node:
         return str(host), int(port)
 
     async def _receive(self, sock: socket.socket) -> None:
-        """Drain `sock` in batches, decode, and hand what authenticates to the core.
+        """Drain `sock` in batches, decode, and step the core with what authenticates.
 
-        Sends go out synchronously from the core's task (a UDP send never waits for the
-        peer; a full buffer is a lost heartbeat, which the protocol tolerates) and reads
+        Sends go out synchronously, right here (a UDP send never waits for the peer; a
+        full buffer is a lost heartbeat, which the protocol tolerates), and reads
         drain up to a batch per wake-up: half the scheduling work per packet of Trio's
         awaitable socket methods, which is most of a node's idle CPU.
         """
@@ -361,9 +367,41 @@ class Node:
             self._log_warnings()
             if batch or restarted:
                 self.counters.packets_received += len(batch)
-                await self._inputs_tx.send(_Packets(batch, restarted))
-            else:
-                await trio.lowlevel.checkpoint()
+                self._step_packets(batch, restarted, now)
+
+    def _step_packets(
+        self, batch: list[tuple[int, Message]], restarted: list[int], now: float
+    ) -> None:
+        """Step the core with one wake-up's packets, send what it says, re-arm `_drive`.
+
+        Synchronous on purpose (see the module docstring): nothing else can touch the core
+        until it returns. Peers that turned out to be new processes are told first."""
+        if self._stopped.is_set():
+            return  # shut down: the core has resigned and must not answer any more
+        election = self.election
+        ready = Ready()
+        for sender in restarted:
+            step = election.peer_restarted(sender, now)
+            ready.sends += step.sends
+            ready.events += step.events
+        for sender, msg in batch:
+            step = election.step(sender, msg, now)
+            ready.sends += step.sends
+            ready.events += step.events
+            if isinstance(msg, Heartbeat) and msg.ack is not None:
+                self._sample_rtt(sender, now)
+        self._count_elections(now)
+        self._apply(ready)
+        if self._timer is not None:
+            self._timer.deadline = election.next_deadline(now)
+
+    def _sample_rtt(self, peer: int, now: float) -> None:
+        rtt = self.election.peers[peer].rtt
+        if rtt is None or self.rtt_observer is None:
+            return
+        if now - self._rtt_sampled.get(peer, -math.inf) >= _RTT_SAMPLE_PERIOD:
+            self._rtt_sampled[peer] = now
+            self.rtt_observer(peer, rtt)
 
     def _admit(
         self, packet: Decoded, now: float, wall: float, source: object, restarted: list[int]
@@ -409,31 +447,19 @@ class Node:
             log.warning(warning.message, extra=warning.fields)
 
     async def _drive(self) -> None:
-        """The one task that owns the election core."""
+        """Time, health, reloads and shut-down: every input of the core but packets."""
         election = self.election
         self._apply(election.tick(trio.current_time()))
         while True:
             deadline = election.next_deadline(trio.current_time())
             item: _Input | None = None
-            with trio.move_on_at(deadline):
+            with trio.CancelScope(deadline=deadline) as self._timer:
                 item = await self._inputs_rx.receive()
+            self._timer = None
             now = trio.current_time()
             match item:
                 case None:
                     ready = election.tick(now)
-                case _Packets(batch, restarted):
-                    ready = Ready()
-                    for sender in restarted:
-                        step = election.peer_restarted(sender, now)
-                        ready.sends += step.sends
-                        ready.events += step.events
-                    for sender, msg in batch:
-                        step = election.step(sender, msg, now)
-                        ready.sends += step.sends
-                        ready.events += step.events
-                        rtt = election.peers[sender].rtt
-                        if isinstance(msg, Ack) and rtt is not None and self.rtt_observer:
-                            self.rtt_observer(sender, rtt)
                 case _HealthChanged(healthy):
                     log.info(
                         "local service health changed",

@@ -2,7 +2,7 @@
 
 A packet is::
 
-    b"FIP2" | msgpack(Envelope) | HMAC-SHA256(cluster key, b"FIP2" + body)   (32 bytes)
+    b"FIP3" | msgpack(Envelope) | HMAC-SHA256(cluster key, b"FIP3" + body)   (32 bytes)
 
 and never longer than `MAX_PACKET_SIZE` bytes, so it always fits in one UDP datagram
 without IP fragmentation.
@@ -93,10 +93,13 @@ __all__ = [
     "parse_cluster_key",
 ]
 
-MAGIC = b"FIP2"
-"""Marks our packets; bump the digit together with `PROTOCOL_VERSION` on a breaking change."""
+MAGIC = b"FIP3"
+"""Marks our packets; bump the digit together with `PROTOCOL_VERSION` on a breaking change.
 
-PROTOCOL_VERSION = 2
+3: acks ride in heartbeats (`Heartbeat.ack`) instead of separate `Ack` messages. A v2 node
+drops v3 packets as `bad_magic` (and the other way round): upgrade every member together."""
+
+PROTOCOL_VERSION = 3
 TAG_SIZE = hashlib.sha256().digest_size  # 32
 MAX_PACKET_SIZE = 512
 """Small enough never to be fragmented (IPv4 guarantees 576-byte datagrams)."""

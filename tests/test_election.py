@@ -7,6 +7,8 @@ simulator (`tests/sim`) covers drift, delay, loss and chaos; these tests pin eac
 
 from __future__ import annotations
 
+import collections
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -17,6 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from sidecar.election import (
+    FOLLOWER_FALLBACK,
     Election,
     Event,
     GainedLeadership,
@@ -113,7 +116,12 @@ def lone(node_id: int = 3, ids: tuple[int, ...] = (1, 2, 3), **kw: object) -> El
 
 
 def heartbeat(
-    term: int = 0, *, leading: bool = False, viable: bool = True, seq: int = 1
+    term: int = 0,
+    *,
+    leading: bool = False,
+    viable: bool = True,
+    seq: int = 1,
+    ack: Ack | None = None,
 ) -> Heartbeat:
     return Heartbeat(
         term=term,
@@ -124,7 +132,17 @@ def heartbeat(
         healthy=True,
         viable=viable,
         ready_to_preempt=False,
+        ack=ack,
     )
+
+
+def acks(ready: Ready, to: int) -> list[Ack]:
+    """The acks `ready` carries to `to` (in heartbeats)."""
+    return [
+        o.msg.ack
+        for o in ready.sends
+        if o.to == to and isinstance(o.msg, Heartbeat) and o.msg.ack is not None
+    ]
 
 
 def vote_answer(ready: Ready) -> VoteResponse:
@@ -191,8 +209,8 @@ def test_one_vote_per_term() -> None:
 
 def test_refuses_while_promised_to_another() -> None:
     voter = lone(3)
-    sent = voter.step(2, heartbeat(4, leading=True), 1.0).sends
-    assert [o.msg for o in sent if isinstance(o.msg, Ack)] == [Ack(4, 1, promised=True)]
+    ready = voter.step(2, heartbeat(4, leading=True), 1.0)
+    assert acks(ready, to=2) == [Ack(1, promised=True, held=0.0)]  # answered at once
     refusal = vote_answer(voter.step(1, VoteRequest(5, 1), 1.0 + LAN.lease_timeout - 0.01))
     assert refusal.reason == "promised"
     # The promise runs one lease_timeout from receipt; after that the vote is free again.
@@ -242,7 +260,7 @@ def test_lease_counts_from_the_send_time_with_the_drift_margin() -> None:
     sent_at, seq = now, beats[0].seq
     assert beats[0].leading
     # The ack arrives 200 ms later; the lease still starts at the send time, not at receipt.
-    leader.step(2, Ack(leader.term, seq, promised=True), sent_at + 0.2)
+    leader.step(2, heartbeat(leader.term, ack=Ack(seq, True, 0.0)), sent_at + 0.2)
     expected = sent_at + LAN.lease_timeout * (1 - LAN.max_drift)
     assert leader.lease_until() == pytest.approx(expected)
     assert expected > lease_before
@@ -253,7 +271,7 @@ def test_an_ack_without_a_promise_does_not_extend_the_lease() -> None:
     lease_before = leader.lease_until()
     now = leader.next_deadline(h.now)
     seq = max(leader._sent)
-    leader.step(2, Ack(leader.term, seq, promised=False), now)
+    leader.step(2, heartbeat(leader.term, ack=Ack(seq, False, 0.0)), now)
     assert leader.lease_until() == lease_before
 
 
@@ -399,13 +417,93 @@ def test_losing_any_single_packet_never_changes_the_leader(victim: int) -> None:
 
 @pytest.mark.parametrize("role", ["follower", "candidate", "leader"])
 def test_next_deadline_is_after_now_and_no_later_than_the_next_heartbeat(role: str) -> None:
+    """A follower of a live leader answers the leader's heartbeats; its own timer is the
+    fallback, FOLLOWER_FALLBACK intervals on. Everyone else heartbeats every interval."""
     h = Harness()
     for _ in range(300):
         h.run(h.now + STEP)
         for node in h.nodes.values():
             if node.role_at(h.now).value == role:
                 deadline = node.next_deadline(h.now)
-                assert h.now < deadline <= h.now + LAN.heartbeat_interval + 1e-9
+                leader = node.leader_at(h.now)
+                following = leader is not None and leader != node.node_id
+                factor = FOLLOWER_FALLBACK if following else 1.0
+                assert h.now < deadline <= h.now + factor * LAN.heartbeat_interval + 1e-9
+
+
+# ---------------------------------------------------------------------------- acks in heartbeats
+
+
+def count_sends(h: Harness, seconds: float) -> collections.Counter[str]:
+    """Datagrams the cluster sends over `seconds`, by kind (`ack` for a standalone one)."""
+    counts: collections.Counter[str] = collections.Counter()
+    take = h.take
+
+    def counting(node_id: int, ready: Ready) -> Ready:
+        for out in ready.sends:
+            counts[type(out.msg).__name__] += 1
+        return take(node_id, ready)
+
+    h.take = counting  # type: ignore[method-assign]
+    h.run(h.now + seconds)
+    h.take = take  # type: ignore[method-assign]
+    return counts
+
+
+def test_three_nodes_send_six_datagrams_per_interval_not_twelve() -> None:
+    """Acks ride in heartbeats: each node sends one heartbeat to each peer per interval and
+    nothing else (a separate ack per heartbeat doubled that to 12)."""
+    h = settled(Harness(), 3.0)
+    assert h.leaders() == [1]
+    intervals = 50
+    counts = count_sends(h, intervals * LAN.heartbeat_interval)
+    assert set(counts) == {"Heartbeat"}, counts
+    assert 6 * intervals - 6 <= counts["Heartbeat"] <= 6 * intervals + 6, counts
+    assert h.leaders() == [1] and h.nodes[1].lease_until() is not None
+
+
+def test_a_follower_answers_the_leaders_heartbeat_at_once_with_the_promise() -> None:
+    h, leader = leader_of_three()
+    now = h.now
+    for _ in range(100):  # run the leader alone until it sends its next heartbeat
+        now = leader.next_deadline(now)
+        ready = leader.tick(now)
+        if ready.sends:
+            break
+    beat = next(o.msg for o in ready.sends if o.to == 2)
+    assert isinstance(beat, Heartbeat) and beat.leading
+    answer = h.nodes[2].step(1, beat, now + 0.003)
+    # One heartbeat to each peer, at once; the one to the leader carries the promise.
+    assert sorted(o.to for o in answer.sends) == [1, 3]
+    assert acks(answer, to=1) == [Ack(beat.seq, promised=True, held=0.0)]
+    # Node 3's newest heartbeat, heard a while ago, is acked too (held that long), no promise.
+    assert [a.promised for a in acks(answer, to=3)] == [False]
+    # The leader's lease runs from its own send time, not from the answer's arrival.
+    to_leader = next(o.msg for o in answer.sends if o.to == 1)
+    leader.step(2, to_leader, now + 0.009)
+    assert leader.lease_until() == pytest.approx(now + LAN.lease_timeout * (1 - LAN.max_drift))
+    assert leader.peers[2].rtt == pytest.approx(0.009)
+
+
+def test_rtt_from_a_carried_ack_subtracts_the_time_it_was_held() -> None:
+    node = lone(3)
+    ready = node.tick(1.0)
+    seq = next(o.msg.seq for o in ready.sends if isinstance(o.msg, Heartbeat))
+    node.step(2, heartbeat(ack=Ack(seq, False, 0.07)), 1.09)
+    assert node.peers[2].rtt == pytest.approx(0.02)
+    # A held time longer than the whole exchange (or negative, or NaN) is nonsense from the
+    # peer's clock: the RTT is not updated from it, and nothing else depends on it.
+    for held in (0.2, -0.01, math.nan):
+        node.step(2, heartbeat(ack=Ack(seq, False, held)), 1.1)
+        assert node.peers[2].rtt == pytest.approx(0.02)
+
+
+def test_heartbeats_of_a_node_without_a_leader_stay_on_the_interval_grid() -> None:
+    """An early heartbeat (news to tell) does not shift the later ones: fewer wake-ups."""
+    node = lone(3)
+    node.tick(1.0)  # on the grid
+    node.step(2, heartbeat(viable=True), 1.037)  # node 3 now sees a majority: news, sent at once
+    assert node.next_deadline(1.037) == pytest.approx(1.1)
 
 
 # ---------------------------------------------------------------------------- counterexamples
@@ -468,8 +566,8 @@ messages = st.one_of(
         healthy=st.booleans(),
         viable=st.booleans(),
         ready_to_preempt=st.booleans(),
+        ack=st.none() | st.builds(Ack, seq=seqs, promised=st.booleans(), held=st.floats()),
     ),
-    st.builds(Ack, term=terms, seq=seqs, promised=st.booleans()),
     st.builds(VoteRequest, term=terms, seq=seqs),
     st.builds(VoteResponse, term=terms, seq=seqs, granted=st.booleans(), reason=st.just("x")),
     st.builds(Resign, term=terms, reason=st.just("x")),
@@ -500,7 +598,7 @@ def test_any_input_sequence_is_handled_and_keeps_the_core_consistent(
     for (kind, sender, payload), dt in script:
         now += dt
         if kind == "step" and sender != me:
-            assert isinstance(payload, Heartbeat | Ack | VoteRequest | VoteResponse | Resign)
+            assert isinstance(payload, Heartbeat | VoteRequest | VoteResponse | Resign)
             ready = node.step(sender or 1, payload, now)
         elif kind == "health":
             ready = node.set_healthy(bool(payload), now)
@@ -518,7 +616,9 @@ def test_any_input_sequence_is_handled_and_keeps_the_core_consistent(
             assert node.eligible and not node.stopping
             lease = node.lease_until()
             assert lease is not None and lease > now
-        assert now < node.next_deadline(now) <= now + LAN.heartbeat_interval + 1e-9
+        leader = node.leader_at(now)
+        factor = FOLLOWER_FALLBACK if leader not in (None, node.node_id) else 1.0
+        assert now < node.next_deadline(now) <= now + factor * LAN.heartbeat_interval + 1e-9
         node.view(now)
 
 

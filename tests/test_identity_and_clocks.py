@@ -5,7 +5,7 @@ On the old protocol (FIP1) freshness came from the wall clock and the highest in
 (the start time in ns) won: a second `fip-sidecar run` with node 1's config, even one that
 lived 0.3 s, locked the genuine node 1 out for 120 s (2 IP moves); a node restarted with
 its clock set back was refused as stale; a +120 s step on the leader was a failover.
-FIP2 (echoed challenges, random incarnations, `sidecar/peers.py`) must keep the genuine
+FIP3 (echoed challenges, random incarnations, `sidecar/peers.py`) must keep the genuine
 node leading with 0 IP moves, say what happened in one WARNING per cause, and show it in
 /status (`peers[].duplicates`, `peers[].clock_offset`).
 

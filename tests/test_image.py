@@ -131,11 +131,16 @@ eligible = false
 
 
 def run_in_image(
-    image: str, containers: list[str], directory: Path | None, *args: str, entrypoint: str = ""
+    image: str,
+    containers: list[str],
+    directory: Path | None,
+    *args: str,
+    entrypoint: str = "",
+    options: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess[str]:
     name = f"fip-test-{uuid.uuid4().hex[:10]}"
     containers.append(name)
-    command = ["run", "--name", name, "--network", "none"]
+    command = ["run", "--name", name, "--network", "none", *options]
     if directory is not None:
         command += ["--volume", f"{directory}:/etc/fip-sidecar:ro"]
     if entrypoint:
@@ -245,16 +250,42 @@ def test_runs_as_non_root_without_build_tools(image: str, containers: list[str])
         "print(os.getuid(), os.getgid());"
         "print([t for t in ('gcc', 'cc', 'make', 'pip', 'pip3', 'curl') if shutil.which(t)]);"
         "print(importlib.util.find_spec('pip') is not None);"
-        "print(os.path.exists('/root/.cache/pip'), os.path.exists('/wheels'))"
+        "print(os.path.exists('/root/.cache/pip'), os.path.exists('/wheels'));"
+        "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('CapEff')][0]);"
+        "print(shutil.which('fip-guest'))"
     )
     result = run_in_image(image, containers, None, "-c", probe, entrypoint="python3")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split("\n")[:4] == [
+    assert result.stdout.split("\n")[:6] == [
         f"{SIDECAR_UID} {SIDECAR_UID}",
         "[]",
         "False",
         "False False",
+        "0000000000000000",  # a plain `docker run`: the sidecar holds no capability at all
+        "/opt/venv/bin/fip-guest",
     ]
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_guest_steps_run_with_net_admin_only_and_refuse_without_it(
+    image: str, containers: list[str]
+) -> None:
+    """The privileged helper's shape (root, every capability dropped but CAP_NET_ADMIN):
+    `fip-guest` adds the /128; without CAP_NET_ADMIN it refuses with 77 and changes nothing."""
+    step = ("gained", "2001:db8::10", "--no-ipv6-source")
+    ipv6_on = ("--sysctl", "net.ipv6.conf.all.disable_ipv6=0")
+    root = ("--user", "0:0", "--cap-drop", "ALL", *ipv6_on)
+    allowed = run_in_image(
+        image, containers, None, *step, entrypoint="fip-guest",
+        options=(*root, "--cap-add", "NET_ADMIN"),
+    )  # fmt: skip
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+    assert "2001:db8::10/128" in allowed.stdout + allowed.stderr
+    refused = run_in_image(image, containers, None, *step, entrypoint="fip-guest", options=root)
+    assert refused.returncode == 77, refused.stdout + refused.stderr
+    assert "CAP_NET_ADMIN" in refused.stdout + refused.stderr
 
 
 @pytest.mark.docker

@@ -1,4 +1,4 @@
-"""Unit tests for the FIP2 wire codec: round trips, every drop reason, and the freshness
+"""Unit tests for the FIP3 wire codec: round trips, every drop reason, and the freshness
 rules that replaced the wall clock (echoed challenges, epochs, incarnations, windows).
 
 Times are plain numbers: `now` is a node's monotonic clock, `WALL` the wall clock a sender
@@ -42,7 +42,8 @@ EPOCH = 1.0
 MEMBERS = ((1, True), (2, True), (3, False))
 DIGEST = membership_digest("test", MEMBERS)
 OTHER_DIGEST = membership_digest("test", ((1, True), (2, True), (3, False), (4, True)))
-ACK = Ack(term=1, seq=1, promised=False)
+#: A small message for tests about the envelope, where the message does not matter.
+SMALL = VoteRequest(term=1, seq=1)
 U63 = (1 << 63) - 1
 U64 = (1 << 64) - 1
 
@@ -68,7 +69,17 @@ SAMPLES: list[Message] = [
         viable=False,
         ready_to_preempt=False,
     ),
-    Ack(term=7, seq=12, promised=True),
+    Heartbeat(
+        term=7,
+        seq=13,
+        leader_id=2,
+        leading=False,
+        eligible=True,
+        healthy=True,
+        viable=True,
+        ready_to_preempt=False,
+        ack=Ack(seq=12, promised=True, held=0.0004),
+    ),
     VoteRequest(term=8, seq=3),
     VoteResponse(term=8, seq=3, granted=False, reason="lease held"),
     Resign(term=8, reason="shutdown"),
@@ -98,7 +109,7 @@ def make_codec(
     )
 
 
-def send(sender: Codec, receiver: Codec, *, now: float, msg: Message = ACK) -> Result:
+def send(sender: Codec, receiver: Codec, *, now: float, msg: Message = SMALL) -> Result:
     """`sender` encodes for `receiver` and `receiver` decodes, both at `now`."""
     return receiver.decode(sender.encode(msg, receiver.node_id, now=now, wall=WALL), now=now)
 
@@ -146,7 +157,7 @@ def envelope(**changes: object) -> Envelope:
         "echo": ((1001, 0),),
         "digests": (DIGEST,),
         "sent_at": WALL,
-        "msg": ACK,
+        "msg": SMALL,
     }
     fields.update(changes)
     return Envelope(**fields)  # type: ignore[arg-type]
@@ -176,23 +187,23 @@ def test_every_message_type_round_trips(msg: Message) -> None:
 def test_decode_accepts_bytearray_and_memoryview() -> None:
     sender, receiver = make_codec(2), make_codec(1)
     connect(sender, receiver)
-    first = sender.encode(ACK, 1, now=0.0, wall=WALL)
-    second = sender.encode(ACK, 1, now=0.0, wall=WALL)
+    first = sender.encode(SMALL, 1, now=0.0, wall=WALL)
+    second = sender.encode(SMALL, 1, now=0.0, wall=WALL)
     assert isinstance(receiver.decode(bytearray(first), now=0.0), Decoded)
     assert isinstance(receiver.decode(memoryview(second), now=0.0), Decoded)
 
 
 def test_counters_start_at_one_and_count_per_receiver() -> None:
     codec = make_codec(1)
-    to_2 = [peek(codec.encode(ACK, 2, now=0.0, wall=WALL)).counter for _ in range(3)]
-    to_3 = [peek(codec.encode(ACK, 3, now=0.0, wall=WALL)).counter for _ in range(2)]
+    to_2 = [peek(codec.encode(SMALL, 2, now=0.0, wall=WALL)).counter for _ in range(3)]
+    to_3 = [peek(codec.encode(SMALL, 3, now=0.0, wall=WALL)).counter for _ in range(2)]
     assert to_2 == [1, 2, 3]
     assert to_3 == [1, 2]
 
 
 def test_envelope_carries_incarnation_epoch_digests_and_the_wall_clock() -> None:
     codec = make_codec(2, incarnation=4242, now=100.0, digests=(DIGEST, OTHER_DIGEST))
-    env = peek(codec.encode(ACK, 1, now=103.5, wall=WALL + 7))
+    env = peek(codec.encode(SMALL, 1, now=103.5, wall=WALL + 7))
     assert (env.version, env.sender, env.receiver) == (PROTOCOL_VERSION, 2, 1)
     assert (env.incarnation, env.epoch) == (4242, 3)
     assert env.echo == ()  # never heard node 1
@@ -206,7 +217,7 @@ def test_sent_at_is_carried_but_never_judged() -> None:
     sender, receiver = make_codec(2), make_codec(1)
     connect(sender, receiver)
     for wall in (0.0, -1e12, WALL + 1e9, WALL - 120.0, 1e300):
-        packet = sender.encode(ACK, 1, now=0.1, wall=wall)
+        packet = sender.encode(SMALL, 1, now=0.1, wall=wall)
         decoded = receiver.decode(packet, now=0.1)
         assert isinstance(decoded, Decoded) and decoded.sent_at == wall
 
@@ -290,9 +301,9 @@ def test_one_or_two_membership_digests_only(digests: tuple[int, ...]) -> None:
 def test_encode_to_non_peer_or_self_raises() -> None:
     codec = make_codec(1)
     with pytest.raises(EncodeError, match="not a peer"):
-        codec.encode(ACK, receiver=9, now=0.0, wall=WALL)
+        codec.encode(SMALL, receiver=9, now=0.0, wall=WALL)
     with pytest.raises(EncodeError, match="not a peer"):
-        codec.encode(ACK, receiver=1, now=0.0, wall=WALL)
+        codec.encode(SMALL, receiver=1, now=0.0, wall=WALL)
 
 
 @pytest.mark.parametrize(
@@ -302,8 +313,8 @@ def test_encode_to_non_peer_or_self_raises() -> None:
 def test_encode_rejects_non_finite_times(now: float, wall: float) -> None:
     codec = make_codec(1)
     with pytest.raises(EncodeError, match="finite"):
-        codec.encode(ACK, receiver=2, now=now, wall=wall)
-    assert peek(codec.encode(ACK, 2, now=0.0, wall=WALL)).counter == 1  # nothing burnt
+        codec.encode(SMALL, receiver=2, now=now, wall=wall)
+    assert peek(codec.encode(SMALL, 2, now=0.0, wall=WALL)).counter == 1  # nothing burnt
 
 
 def test_encode_rejects_non_message() -> None:
@@ -339,9 +350,9 @@ def test_largest_message_that_fits_is_exactly_at_the_limit() -> None:
 
 #: Members that fit in one packet at worst: two echoes, two digests, every integer at its
 #: largest (ids near 2**63, counter near 2**64), the largest message the election sends.
-#: With ids below 128 (one msgpack byte each) it is 85. Keep the README in step.
-LARGEST_MEMBERSHIP_WORST_CASE = 23
-LARGEST_MEMBERSHIP_SMALL_IDS = 85
+#: With ids below 128 (one msgpack byte each) it is 77. Keep the README in step.
+LARGEST_MEMBERSHIP_WORST_CASE = 21
+LARGEST_MEMBERSHIP_SMALL_IDS = 77
 
 #: The largest message of each kind the election sends, every integer at its maximum and
 #: the longest reason string it uses.
@@ -356,8 +367,8 @@ WORST_MESSAGES: list[Message] = [
         viable=True,
         ready_to_preempt=True,
         starting=True,
+        ack=Ack(seq=U63, promised=True, held=1e308),
     ),
-    Ack(term=U63, seq=U63, promised=True),
     VoteRequest(term=U63, seq=U63),
     VoteResponse(term=U63, seq=U63, granted=False, reason="lower_id_viable"),
     Resign(term=U63, reason="unhealthy"),
@@ -423,7 +434,7 @@ def test_wrong_key_is_bad_mac() -> None:
 
 def test_protocol_1_packet_is_bad_magic() -> None:
     """A node still running the old protocol (FIP1) is told apart before any crypto."""
-    packet = make_codec(2).encode(ACK, 1, now=0.0, wall=WALL)
+    packet = make_codec(2).encode(SMALL, 1, now=0.0, wall=WALL)
     receiver = make_codec(1)
     assert receiver.decode(b"FIP1" + packet[4:], now=0.0) is DropReason.BAD_MAGIC
     assert only_drop(receiver) is DropReason.BAD_MAGIC
@@ -551,21 +562,21 @@ def test_bad_version() -> None:
 def test_unknown_sender() -> None:
     stranger = Codec(node_id=9, key=KEY, peer_ids={1}, incarnation=1)
     receiver = make_codec(1)
-    packet = stranger.encode(ACK, 1, now=0.0, wall=WALL)
+    packet = stranger.encode(SMALL, 1, now=0.0, wall=WALL)
     assert receiver.decode(packet, now=0.0) is DropReason.UNKNOWN_SENDER
     assert not receiver.knows(9)
 
 
 def test_wrong_receiver() -> None:
     sender, node3 = make_codec(2), make_codec(3)
-    packet_for_1 = sender.encode(ACK, receiver=1, now=0.0, wall=WALL)
+    packet_for_1 = sender.encode(SMALL, receiver=1, now=0.0, wall=WALL)
     assert node3.decode(packet_for_1, now=0.0) is DropReason.WRONG_RECEIVER
     assert only_drop(node3) is DropReason.WRONG_RECEIVER
 
 
 def test_own_packet_reflected_back_is_from_self() -> None:
     codec = make_codec(1)
-    packet = codec.encode(ACK, receiver=2, now=0.0, wall=WALL)
+    packet = codec.encode(SMALL, receiver=2, now=0.0, wall=WALL)
     assert codec.decode(packet, now=0.0) is DropReason.FROM_SELF
     assert only_drop(codec) is DropReason.FROM_SELF
 
@@ -573,7 +584,7 @@ def test_own_packet_reflected_back_is_from_self() -> None:
 def test_packets_not_for_us_teach_no_challenge() -> None:
     """Only a packet addressed to us may tell us a peer's (incarnation, epoch)."""
     sender, node3 = make_codec(2), make_codec(3)
-    node3.decode(sender.encode(ACK, receiver=1, now=0.0, wall=WALL), now=0.0)
+    node3.decode(sender.encode(SMALL, receiver=1, now=0.0, wall=WALL), now=0.0)
     assert not node3.knows(2)
 
 
@@ -657,7 +668,7 @@ def test_steady_traffic_never_goes_stale_across_many_epochs() -> None:
 def test_a_packet_delayed_past_two_epochs_is_stale() -> None:
     a, b = make_codec(2), make_codec(1)
     connect(a, b, now=0.0)
-    delayed = a.encode(ACK, 1, now=0.9, wall=WALL)  # echoes b's epoch 0
+    delayed = a.encode(SMALL, 1, now=0.9, wall=WALL)  # echoes b's epoch 0
     assert isinstance(send(a, b, now=1.5), Decoded)
     assert_refused(b.decode(delayed, now=2.0), DropReason.STALE)
 
@@ -728,7 +739,7 @@ def test_a_sender_restart_is_accepted_after_one_round_trip(new_incarnation: int)
 
     new = make_codec(2, incarnation=new_incarnation, now=0.4)
     assert_refused(send(new, receiver, now=0.4), DropReason.STALE)
-    reply = receiver.encode(ACK, 2, now=0.45, wall=WALL)
+    reply = receiver.encode(SMALL, 2, now=0.45, wall=WALL)
     assert {inc for inc, _ in peek(reply).echo} == {1002, new_incarnation}  # both are echoed
     assert isinstance(new.decode(reply, now=0.45), Decoded)
     assert isinstance(send(new, receiver, now=0.5), Decoded)
@@ -741,8 +752,8 @@ def test_replay_windows_are_per_incarnation() -> None:
     first, second = make_codec(2, incarnation=10), make_codec(2, incarnation=20)
     connect(first, receiver)
     connect(second, receiver)
-    p1 = first.encode(ACK, 1, now=0.1, wall=WALL)
-    p2 = second.encode(ACK, 1, now=0.1, wall=WALL)
+    p1 = first.encode(SMALL, 1, now=0.1, wall=WALL)
+    p2 = second.encode(SMALL, 1, now=0.1, wall=WALL)
     assert peek(p1).counter == peek(p2).counter == 2
     assert isinstance(receiver.decode(p1, now=0.1), Decoded)
     assert isinstance(receiver.decode(p2, now=0.1), Decoded)
@@ -753,7 +764,7 @@ def test_replay_windows_are_per_incarnation() -> None:
 def test_an_old_incarnations_packets_are_replays_while_fresh_and_stale_after() -> None:
     old, receiver = make_codec(2, incarnation=10), make_codec(1)
     connect(old, receiver)
-    captured = [old.encode(ACK, 1, now=0.2, wall=WALL) for _ in range(5)]
+    captured = [old.encode(SMALL, 1, now=0.2, wall=WALL) for _ in range(5)]
     for packet in captured:
         assert isinstance(receiver.decode(packet, now=0.2), Decoded)
     new = make_codec(2, incarnation=11, now=0.5)
@@ -773,7 +784,7 @@ def test_idle_windows_are_forgotten_safely() -> None:
         sender = make_codec(2, incarnation=incarnation, now=now)
         connect(sender, receiver, now=now)
         for step in range(5):
-            packet = sender.encode(ACK, 1, now=now + 0.1 * step, wall=WALL)
+            packet = sender.encode(SMALL, 1, now=now + 0.1 * step, wall=WALL)
             captured.append(packet)
             assert isinstance(receiver.decode(packet, now=now + 0.1 * step), Decoded)
         now += 2.5
@@ -795,7 +806,7 @@ def test_many_live_incarnations_never_let_a_packet_through_twice() -> None:
         sender = make_codec(2, incarnation=500 + index, now=now)
         send(sender, receiver, now=now)
         send(receiver, sender, now=now)
-        packet = sender.encode(ACK, 1, now=now, wall=WALL)
+        packet = sender.encode(SMALL, 1, now=now, wall=WALL)
         captured.append(packet)
         receiver.decode(packet, now=now)
     accepted = receiver.accepted
@@ -823,7 +834,7 @@ def test_echoes_keep_the_two_most_recently_heard_incarnations() -> None:
         assert isinstance(receiver.decode(signed_packet(env), now=0.01 * heard), Decoded)
 
     def echoed() -> tuple[tuple[int, int], ...]:
-        return peek(receiver.encode(ACK, 2, now=0.0, wall=WALL)).echo
+        return peek(receiver.encode(SMALL, 2, now=0.0, wall=WALL)).echo
 
     hear(10, 4)
     assert echoed() == ((10, 4),)
@@ -837,7 +848,7 @@ def test_echoes_keep_the_two_most_recently_heard_incarnations() -> None:
     hear(20, 1)  # an older epoch (a late or replayed packet) never moves the echo back
     assert set(echoed()) == {(20, 2), (40, 0)}
     assert len(echoed()) == MAX_ECHOES
-    assert peek(receiver.encode(ACK, 3, now=0.0, wall=WALL)).echo == ()  # per peer
+    assert peek(receiver.encode(SMALL, 3, now=0.0, wall=WALL)).echo == ()  # per peer
 
 
 def test_replayed_packets_of_old_incarnations_never_evict_the_live_one() -> None:
@@ -850,7 +861,7 @@ def test_replayed_packets_of_old_incarnations_never_evict_the_live_one() -> None
         now = 3.0 * index
         old = make_codec(2, incarnation=incarnation, now=now)
         connect(old, receiver, now=now)
-        old_packets.append(old.encode(ACK, 1, now=now, wall=WALL))
+        old_packets.append(old.encode(SMALL, 1, now=now, wall=WALL))
     live = make_codec(2, incarnation=23, now=10.0)
     connect(live, receiver, now=10.0)
     for step in range(20):
@@ -871,7 +882,7 @@ def test_set_peers_forgets_removed_peers_and_keeps_the_others() -> None:
     assert isinstance(send(b, a, now=0.1), Decoded)  # node 2 unaffected
     assert send(c, a, now=0.1) is DropReason.UNKNOWN_SENDER
     with pytest.raises(EncodeError, match="not a peer"):
-        a.encode(ACK, 3, now=0.1, wall=WALL)
+        a.encode(SMALL, 3, now=0.1, wall=WALL)
     a.set_peers({2, 3, 4})  # node 3 is back: it must hear our challenge again
     assert not a.knows(3)
     connect(c, a, now=0.2)
@@ -896,7 +907,7 @@ def test_a_peer_removed_and_added_again_still_accepts_our_packets() -> None:
 def test_a_peer_removed_and_added_again_cannot_replay_its_old_packets() -> None:
     a, c = make_codec(1), make_codec(3)
     connect(c, a)
-    captured = [c.encode(ACK, 1, now=0.1, wall=WALL) for _ in range(5)]
+    captured = [c.encode(SMALL, 1, now=0.1, wall=WALL) for _ in range(5)]
     for packet in captured:
         assert isinstance(a.decode(packet, now=0.1), Decoded)
     a.set_peers({2})
@@ -962,7 +973,7 @@ def test_a_mismatched_packet_counts_once_the_membership_agrees() -> None:
     a, b = make_codec(2, digests=(OTHER_DIGEST,)), make_codec(1)
     send(a, b, now=0.0)
     send(b, a, now=0.0)
-    packet = a.encode(ACK, 1, now=0.1, wall=WALL)
+    packet = a.encode(SMALL, 1, now=0.1, wall=WALL)
     assert_refused(b.decode(packet, now=0.1), DropReason.CONFIG_MISMATCH)
     b.set_membership((DIGEST, OTHER_DIGEST), MEMBERS)
     assert isinstance(b.decode(packet, now=0.2), Decoded)
@@ -972,9 +983,9 @@ def test_members_travel_only_when_asked_and_survive_decoding() -> None:
     a, b = make_codec(2), make_codec(1)
     a.set_membership((DIGEST,), [(3, False), (1, True), (2, True)])
     connect(a, b)
-    plain = b.decode(a.encode(ACK, 1, now=0.1, wall=WALL), now=0.1)
+    plain = b.decode(a.encode(SMALL, 1, now=0.1, wall=WALL), now=0.1)
     assert isinstance(plain, Decoded) and plain.members is None
-    packet = a.encode(ACK, 1, now=0.1, wall=WALL, include_members=True)
+    packet = a.encode(SMALL, 1, now=0.1, wall=WALL, include_members=True)
     assert peek(packet).members == MEMBERS  # sorted by id
     decoded = b.decode(packet, now=0.1)
     assert isinstance(decoded, Decoded)
@@ -989,7 +1000,7 @@ def test_members_reach_a_peer_that_disagrees() -> None:
     send(a, b, now=0.0)
     send(b, a, now=0.0)
     refused = assert_refused(
-        b.decode(a.encode(ACK, 1, now=0.1, wall=WALL, include_members=True), now=0.1),
+        b.decode(a.encode(SMALL, 1, now=0.1, wall=WALL, include_members=True), now=0.1),
         DropReason.CONFIG_MISMATCH,
     )
     assert refused.members == theirs
@@ -1016,7 +1027,7 @@ def test_identical_packet_twice_is_replay(pair: tuple[Codec, Codec]) -> None:
 
 def test_reordering_within_window_accepted_exactly_once(pair: tuple[Codec, Codec]) -> None:
     sender, receiver = pair
-    packets = [sender.encode(ACK, 1, now=0.1, wall=WALL) for _ in range(REPLAY_WINDOW)]
+    packets = [sender.encode(SMALL, 1, now=0.1, wall=WALL) for _ in range(REPLAY_WINDOW)]
     order = list(reversed(packets))  # newest first: the oldest is 63 below the highest
     assert all(isinstance(receiver.decode(p, now=0.1), Decoded) for p in order)
     assert all(isinstance(receiver.decode(p, now=0.1), Refused) for p in packets)
@@ -1025,7 +1036,7 @@ def test_reordering_within_window_accepted_exactly_once(pair: tuple[Codec, Codec
 
 def test_packet_beyond_window_is_rejected(pair: tuple[Codec, Codec]) -> None:
     sender, receiver = pair
-    packets = [sender.encode(ACK, 1, now=0.1, wall=WALL) for _ in range(REPLAY_WINDOW + 1)]
+    packets = [sender.encode(SMALL, 1, now=0.1, wall=WALL) for _ in range(REPLAY_WINDOW + 1)]
     assert isinstance(receiver.decode(packets[-1], now=0.1), Decoded)
     assert_refused(receiver.decode(packets[0], now=0.1), DropReason.REPLAY)  # 64 below
     assert isinstance(receiver.decode(packets[1], now=0.1), Decoded)  # 63 below: fine
@@ -1059,7 +1070,7 @@ def test_replay_state_is_per_sender() -> None:
     node2, node3, receiver = make_codec(2), make_codec(3), make_codec(1)
     connect(node2, receiver)
     connect(node3, receiver)
-    assert peek(node2.encode(ACK, 1, now=0.0, wall=WALL)).counter == 2
+    assert peek(node2.encode(SMALL, 1, now=0.0, wall=WALL)).counter == 2
     assert isinstance(send(node2, receiver, now=0.1), Decoded)
     assert isinstance(send(node3, receiver, now=0.1), Decoded)  # the same counter: fine
 

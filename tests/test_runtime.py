@@ -86,6 +86,37 @@ def test_three_nodes_elect_node_1(make_cluster: MakeCluster) -> None:
     assert_safe(cluster)
 
 
+def test_acks_ride_in_heartbeats_six_datagrams_per_interval_and_rtt_still_measured(
+    make_cluster: MakeCluster,
+) -> None:
+    """Three nodes send about 6 datagrams per heartbeat interval, not 12 (one ack per
+    heartbeat): each heartbeat acknowledges the receiver's previous one. The bound is loose
+    (a late wake-up only ever sends fewer), and RTT is still reported for every peer, on
+    the leader and on the followers alike."""
+    cluster = make_cluster()
+    assert cluster.wait_for_leader(expect=1) == 1
+    time.sleep(1.0)  # past the election's own burst of votes and hand-shakes
+
+    def sent() -> tuple[float, int]:
+        statuses = cluster.statuses(timeout=2.0)
+        assert all(s is not None for s in statuses.values()), statuses
+        return time.monotonic(), sum(s["packets"]["packets_sent"] for s in statuses.values())  # type: ignore[index]
+
+    start, before = sent()
+    time.sleep(3.0)
+    end, after = sent()
+    intervals = (end - start) / 0.1  # lan heartbeat_interval
+    per_interval = (after - before) / intervals
+    print(f"\n{per_interval:.2f} datagrams per heartbeat interval (3 nodes)")
+    assert per_interval < 9.0
+    assert cluster.leaders() == [1]
+    for node, body in cluster.statuses(timeout=2.0).items():
+        assert body is not None
+        rtts = {peer["id"]: peer["rtt"] for peer in body["peers"]}
+        assert all(rtt is not None and 0 <= rtt < 1.0 for rtt in rtts.values()), (node, rtts)
+    assert_safe(cluster)
+
+
 def test_kill_9_of_the_leader_elects_node_2(make_cluster: MakeCluster) -> None:
     cluster = make_cluster()
     cluster.wait_for_leader(expect=1)

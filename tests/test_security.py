@@ -8,7 +8,7 @@ counted under the right `DropReason` in `/status` (`packets.dropped`) and `/metr
 
 Real traffic is captured with an AF_PACKET socket inside a node's namespace (no tcpdump
 needed), so replays are byte-exact copies of packets the cluster really sent, and forgeries
-can echo the live challenges they read off the wire (FIP2 envelopes are signed, not
+can echo the live challenges they read off the wire (FIP3 envelopes are signed, not
 encrypted): the key is the only thing a forgery lacks. Replays are refused as `replay`
 while their echo is fresh and as `stale` after; a receiver that restarted refuses every
 packet captured before as `stale`.
@@ -339,7 +339,11 @@ def forged_packets(
                 VoteRequest(term=HUGE_TERM, seq=1),
                 Resign(term=term_now, reason="shutdown"),
                 Resign(term=HUGE_TERM, reason="shutdown"),
-                Ack(term=term_now, seq=1, promised=True),
+                Heartbeat(
+                    term=term_now, seq=1, leader_id=receiver, leading=False, eligible=True,
+                    healthy=True, viable=True, ready_to_preempt=False,
+                    ack=Ack(seq=1, promised=True, held=0.0),
+                ),
                 VoteResponse(term=HUGE_TERM, seq=1, granted=True, reason=""),
             ]  # fmt: skip
             for incarnation in incarnations:
@@ -677,8 +681,11 @@ def test_replayed_packets_are_dropped_at_the_same_and_other_receivers(arena: Are
     terms = cluster.terms()
     # The witness's link carries 1->3, 2->3, 3->1 and 3->2: every receiver is covered.
     captured = capture(cluster.lab, cluster.hosts[3], seconds=1.5)
-    kinds = collections.Counter(type(c.envelope.msg).__name__ for c in captured)
-    assert len(captured) >= 20 and kinds["Heartbeat"] and kinds["Ack"], kinds
+    kinds = collections.Counter(
+        type(c.envelope.msg).__name__ + ("+ack" if getattr(c.envelope.msg, "ack", None) else "")
+        for c in captured
+    )
+    assert len(captured) >= 20 and kinds["Heartbeat"] and kinds["Heartbeat+ack"], kinds
     since = time.monotonic()
     before = settled(cluster)
     plan: list[tuple[int, bytes]] = []

@@ -147,8 +147,13 @@ class SidecarCluster:
         action_seconds: float = 0.5,
         token: str = TOKEN,
         assigner: Mapping[str, float | int] | None = None,
+        python: str | None = None,
     ) -> None:
         self.lab = lab
+        #: The nodes' interpreter: `sys.executable` (the dev venv, importing this checkout)
+        #: unless a benchmark runs them from a production venv, with `-P` so that the
+        #: working directory's `sidecar/` cannot shadow the installed package.
+        self.node_argv = [python, "-P"] if python else [sys.executable]
         self.specs = {spec.id: spec for spec in nodes}
         self.timing = dict(timing or {})
         self.assigner = dict(assigner or {})
@@ -177,7 +182,7 @@ class SidecarCluster:
             self.processes[node] = self.lab.spawn(
                 self.hosts[node],
                 f"node{node}",
-                [sys.executable, "-m", "sidecar.cli", "run", "--config", str(path)],
+                [*self.node_argv, "-m", "sidecar.cli", "run", "--config", str(path)],
             )
         for node in self.specs:
             if wait_until(lambda n=node: self.status(n), START_TIMEOUT) is None:  # type: ignore[misc]

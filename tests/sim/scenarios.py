@@ -34,7 +34,16 @@ from .cluster import InvariantViolation, Simulation
 from .network import CLEAN, LinkProfile
 
 LAN = Timing()
-SCENARIOS = ("cold_start", "failover", "chaos", "pause", "preempt", "no_preempt", "steady")
+SCENARIOS = (
+    "cold_start",
+    "failover",
+    "chaos",
+    "pause",
+    "preempt",
+    "no_preempt",
+    "steady",
+    "lossy_acks",
+)
 
 
 @dataclass(slots=True)
@@ -273,6 +282,30 @@ def chaos(sim: Simulation, rng: random.Random, outcome: Outcome) -> None:
     outcome.failures += check_recovery(sim, healed_at=heal_at)
 
 
+def lossy_acks(sim: Simulation, rng: random.Random, outcome: Outcome) -> None:
+    """A settled cluster whose every link loses, duplicates, delays and reorders packets:
+    the acks riding in heartbeats arrive late, twice, out of order or never, while the
+    leader keeps renewing its lease from them. The invariants (checked at every call) say
+    no lease outlives the majority's promises; then the network heals and it recovers."""
+    start_all(sim, rng)
+    sim.run_until(3.0)
+    profile = LinkProfile(
+        loss=rng.uniform(0.02, 0.4),
+        duplicate=rng.uniform(0.0, 0.3),
+        delay_min=0.0,
+        delay_max=rng.uniform(0.005, 0.25),
+        straggler=rng.uniform(0.0, 0.1),
+        straggler_max=rng.uniform(0.0, 1.5),
+    )
+    sim.network.set_all(profile)
+    sim.log(f"every link set to {profile}")
+    heal_at = sim.now + rng.uniform(5.0, 15.0)
+    sim.run_until(heal_at)
+    sim.network.set_all(CLEAN)
+    sim.log("network healed")
+    outcome.failures += check_recovery(sim, healed_at=heal_at)
+
+
 def degrade_links(sim: Simulation, rng: random.Random) -> None:
     """Give about half the links one random profile of loss, duplication and delay
     (partitions in place stay)."""
@@ -357,6 +390,7 @@ _RUNNERS: dict[str, tuple[Runner, Callable[[random.Random], Timing]]] = {
     "preempt": (preempt, lambda rng: replace(LAN, preempt_delay=rng.uniform(0.0, 3.0))),
     "no_preempt": (preempt, lambda rng: replace(LAN, preempt=False)),
     "steady": (steady, lambda rng: LAN),
+    "lossy_acks": (lossy_acks, lambda rng: LAN if rng.random() < 0.5 else random_timing(rng)),
 }
 
 
