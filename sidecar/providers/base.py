@@ -88,7 +88,26 @@ class Provider(Protocol):
 # --------------------------------------------------------------------------- errors
 
 
-class ProviderError(Exception):
+class CallError(Exception):
+    """What every failed API call says, here and in each provider's own errors: the call
+    (`endpoint`, a method and path template, never a URL with data in it), the HTTP status
+    (None when no answer came) and a message. Subclasses set the three attributes."""
+
+    message: str
+    endpoint: str
+    status: int | None
+
+    @property
+    def status_label(self) -> str:
+        """What request counters use."""
+        return NO_RESPONSE if self.status is None else str(self.status)
+
+    def __str__(self) -> str:
+        where = self.endpoint if self.status is None else f"{self.endpoint} -> {self.status}"
+        return f"{where}: {self.message}"
+
+
+class ProviderError(CallError):
     """Any failure of a provider call, already free of secrets.
 
     `status` is the HTTP status, or None when no answer came; `endpoint` names the call
@@ -104,14 +123,6 @@ class ProviderError(Exception):
         self.endpoint = endpoint
         self.status = status
         self.origin = origin or type(self).__name__
-
-    @property
-    def status_label(self) -> str:
-        return NO_RESPONSE if self.status is None else str(self.status)
-
-    def __str__(self) -> str:
-        where = self.endpoint if self.status is None else f"{self.endpoint} -> {self.status}"
-        return f"{where}: {self.message}"
 
 
 class Rejected(ProviderError):

@@ -329,7 +329,7 @@ class _BearerAuth(httpx.Auth):
 # --------------------------------------------------------------------------- errors
 
 
-class ProviderError(Exception):
+class ProviderError(base.CallError):
     """Any failure of a provider call. `status` is the HTTP status, or None when no answer came.
 
     `endpoint` is the method and path template (`GET /v2/reserved_ips/{ip}`), never a
@@ -351,14 +351,6 @@ class ProviderError(Exception):
         self.status = status
         self.api_id = api_id
         self.request_id = request_id
-
-    @property
-    def status_label(self) -> str:
-        return NO_RESPONSE if self.status is None else str(self.status)
-
-    def __str__(self) -> str:
-        where = self.endpoint if self.status is None else f"{self.endpoint} -> {self.status}"
-        return f"{where}: {self.message}"
 
 
 class Unauthorized(ProviderError):
