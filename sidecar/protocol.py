@@ -118,6 +118,12 @@ MAX_ECHOES = 2
 a restarted peer and (briefly) its predecessor, or a genuine node and a duplicate, all keep
 receiving packets they accept."""
 
+_INCARNATIONS_REMEMBERED = 16
+"""Incarnations of one peer whose newest challenge a node remembers (to tell a replay,
+which never advances one, from the live process); a crash loop longer than this within
+the capture of an attacker could again crowd the echoes, until the live process's next
+packet."""
+
 _WINDOWS_PER_SENDER = 4
 """Replay windows kept per sender: one per incarnation accepted in the last two epochs. A
 fifth process within two epochs (a crash loop) waits until one of them has gone idle."""
@@ -287,6 +293,7 @@ class Codec:
         self._peers: frozenset[int] = frozenset()
         self._counters: dict[int, int] = {}
         self._learned: dict[int, dict[int, int]] = {}  # peer -> {incarnation: newest epoch}
+        self._heard: dict[int, dict[int, int]] = {}  # the same, for the last 16 heard
         self._windows: dict[int, dict[int, _Window]] = {}  # sender -> {incarnation: window}
         self._digests: tuple[int, ...] = ()
         self._members: tuple[tuple[int, bool], ...] = ()
@@ -343,6 +350,8 @@ class Codec:
             self._counters.setdefault(peer, 0)
         for gone in set(self._learned) - peers:
             del self._learned[gone]
+        for gone in set(self._heard) - peers:
+            del self._heard[gone]
 
     def set_membership(self, digests: tuple[int, ...], members: Iterable[tuple[int, bool]]) -> None:
         """Our membership digests (one, or two while a change is rolled out) and member list."""
@@ -495,20 +504,28 @@ class Codec:
         return None
 
     def _learn(self, peer: int, incarnation: int, epoch: int, now: float) -> None:
-        """Remember `peer`'s newest challenge per incarnation, for the newest two incarnations.
+        """Remember `peer`'s newest challenge per incarnation; echo the newest two.
 
         Learned even from packets we then refuse: after a restart or a partition that is the
-        only way both sides get back to packets the other accepts. The incarnation whose
-        packets we accept now is never the one pushed out: replays of packets captured from
-        two earlier processes of the peer would otherwise evict the live one, and the peer
-        would refuse all of ours as stale. A replay can at worst occupy the second echo.
+        only way both sides get back to packets the other accepts. "Newest" is the
+        incarnation whose challenge *advanced* most recently, not the one heard last: a
+        replay carries an epoch we have already heard, so it never advances one, and
+        replays of packets captured from earlier processes of the peer (a crash loop) cannot
+        push the live process out of the echoes, nor reset what we know of its challenge.
+        The incarnation whose packets we accept now is always echoed as well.
         """
-        learned = self._learned.setdefault(peer, {})
-        # Re-inserted on every packet, so the dict's order is "least recently heard first".
-        learned[incarnation] = max(learned.pop(incarnation, epoch), epoch)
-        if len(learned) > MAX_ECHOES:
-            live = self._live_incarnation(peer, now)
-            del learned[next(i for i in learned if i != live)]
+        # Re-inserted whenever its epoch advances: the order is "advanced least recently first".
+        heard = self._heard.setdefault(peer, {})
+        if epoch > heard.get(incarnation, -1):
+            heard.pop(incarnation, None)
+            heard[incarnation] = epoch
+            if len(heard) > _INCARNATIONS_REMEMBERED:
+                del heard[next(iter(heard))]
+        newest = list(heard)[-MAX_ECHOES:]
+        live = self._live_incarnation(peer, now)
+        if live is not None and live in heard and live not in newest:
+            newest[0] = live
+        self._learned[peer] = {i: heard[i] for i in newest}
 
     def _live_incarnation(self, peer: int, now: float) -> int | None:
         """The incarnation of `peer` we accepted a packet from most recently, within two

@@ -429,6 +429,32 @@ def test_a_crash_loop_and_replays_of_it_never_count_twice_nor_lock_out_the_survi
             assert in_crash_loop, (result, gaps)
 
 
+def test_replays_of_a_crash_loop_never_reset_what_is_known_of_the_live_process() -> None:
+    """Found by the property above: five processes of node 2 start at one instant, the
+    fifth finds every replay window taken; it keeps talking while an attacker replays the
+    whole capture. Heard-last ordering let those replays push the survivor's challenge out
+    of node 1's echoes and back in at its old epoch, so node 1's packets stayed stale for
+    the survivor after the crash loop had ended."""
+    receiver = make_codec(1, 999)
+    captured: list[bytes] = []
+    processes = []
+    for incarnation in range(5):
+        process = make_codec(2, incarnation, now=0.0)
+        receiver.decode(process.encode(VoteRequest(1, 1), 1, now=0.0, wall=WALL), now=0.0)
+        process.decode(receiver.encode(VoteRequest(1, 1), 2, now=0.0, wall=WALL), now=0.0)
+        captured.append(process.encode(VoteRequest(1, 1), 1, now=0.0, wall=WALL))
+        receiver.decode(captured[-1], now=0.0)
+        processes.append(process)
+    survivor = processes[-1]
+    for at in (0.5, 1.25, 2.125, 3.0):
+        for packet in captured:
+            receiver.decode(packet, now=at)
+        reply = receiver.encode(VoteRequest(1, 2), 2, now=at, wall=WALL)
+        if at > 2 * EPOCH:  # the crash loop's windows have gone idle
+            assert isinstance(survivor.decode(reply, now=at), Decoded), at
+        receiver.decode(survivor.encode(VoteRequest(1, 2), 1, now=at, wall=WALL), now=at)
+
+
 # --- the model: restarts, delays and replays ---------------------------------------------
 
 
