@@ -685,7 +685,9 @@ def test_replayed_packets_are_dropped_at_the_same_and_other_receivers(arena: Are
         type(c.envelope.msg).__name__ + ("+ack" if getattr(c.envelope.msg, "ack", None) else "")
         for c in captured
     )
-    assert len(captured) >= 20 and kinds["Heartbeat"] and kinds["Heartbeat+ack"], kinds
+    # Heartbeats carrying acks (protocol v3); once every node is phase-locked to the
+    # leader, each heartbeat carries one, so plain heartbeats may not show up at all.
+    assert len(captured) >= 20 and kinds["Heartbeat+ack"], kinds
     since = time.monotonic()
     before = settled(cluster)
     plan: list[tuple[int, bytes]] = []
