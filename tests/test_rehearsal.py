@@ -285,13 +285,31 @@ def test_crash_of_node_1_moves_the_ip_and_it_comes_back(
     pid = node_1.main_pid()
     assert pid is not None
     with capsys.disabled():
-        killed = time.monotonic()
-        os.kill(pid, signal.SIGKILL)
-        moved = wait_for(
-            "the IP to move to droplet 1002",
-            lambda: [e for e in deployment.moves_since(killed) if e["droplet_id"] == 1002],
-            30.0,
-        )[0]
+        # Docker restarts a crashed container after 0.1 s: on a loaded machine the new
+        # process can be back (and lead again, the IP never having left) before node 2
+        # stands. That is a correct outcome, but not the failover this test measures:
+        # kill again; the restart policy's delay doubles each time, so node 2 gets there.
+        moved: dict[str, Any] | None = None
+        for attempt in range(1, 5):
+            killed = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+
+            def outcome(killed: float = killed, pid: int = pid) -> tuple[str, Any] | None:
+                to_2 = [e for e in deployment.moves_since(killed) if e["droplet_id"] == 1002]
+                if to_2:
+                    return ("moved", to_2[0])
+                again = node_1.main_pid()
+                if again not in (None, pid) and deployment.settled():
+                    return ("back", again)
+                return None
+
+            kind, value = wait_for("the IP to move to droplet 1002", outcome, 30.0)
+            if kind == "moved":
+                moved = value
+                break
+            print(f"rehearsal: attempt {attempt}: node 1 restarted and led again first")
+            pid = value
+        assert moved is not None, "node 1 always restarted and led again before node 2 stood"
         restarted = wait_for(
             "Docker's restart policy to start node 1's sidecar again",
             lambda: (p := node_1.main_pid()) is not None and p != pid,
