@@ -393,7 +393,11 @@ class Node:
         self._count_elections(now)
         self._apply(ready)
         if self._timer is not None:
-            self._timer.deadline = election.next_deadline(now)
+            # Most packets leave the deadline where it was (the next heartbeat on the grid);
+            # Trio's setter costs a context manager even then, so only move it on a change.
+            deadline = election.next_deadline(now)
+            if deadline != self._timer.deadline:
+                self._timer.deadline = deadline
 
     def _sample_rtt(self, peer: int, now: float) -> None:
         rtt = self.election.peers[peer].rtt
