@@ -521,6 +521,8 @@ class Codec:
             heard[incarnation] = epoch
             if len(heard) > _INCARNATIONS_REMEMBERED:
                 del heard[next(iter(heard))]
+        elif incarnation in self._learned.get(peer, {}):
+            return  # the common case, every packet of an echoed process: nothing changes
         newest = list(heard)[-MAX_ECHOES:]
         live = self._live_incarnation(peer, now)
         if live is not None and live in heard and live not in newest:
