@@ -56,7 +56,7 @@ from __future__ import annotations
 import enum
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from sidecar.messages import Ack, Heartbeat, Message, Resign, VoteRequest, VoteResponse
@@ -69,6 +69,10 @@ _SENT_HISTORY = 64
 #: on its own after this many intervals without one. The margin keeps network jitter from
 #: making the fallback fire just before the leader's heartbeat (two sends an interval).
 FOLLOWER_FALLBACK = 1.5
+
+
+#: One received packet for `Election.receive`: (sender, message, arrival time or None).
+Arrival = tuple[int, Message, float | None]
 
 
 class Role(enum.StrEnum):
@@ -385,27 +389,60 @@ class Election:
         self._advance(now, ready)
         return ready
 
-    def step(self, sender: int, msg: Message, now: float) -> Ready:
-        """Process one authenticated message from `sender` (a known peer)."""
+    def step(
+        self, sender: int, msg: Message, now: float, *, received_at: float | None = None
+    ) -> Ready:
+        """Process one authenticated message from `sender` (a known peer); see `receive`."""
+        return self.receive(((sender, msg, received_at),), now)
+
+    def receive(self, arrivals: Iterable[Arrival], now: float) -> Ready:
+        """Process the packets of one wake-up at `now`, then let time pass to `now`.
+
+        Each arrival is (sender, message, when it reached this host or None for `now`),
+        oldest first. A packet that was not urgent (see `wake_on`) is stepped at the next
+        wake-up, after it arrived: every rule judges it at `now`, and a promise counted from
+        the later time lasts longer, never shorter, so a late step is as safe as a late
+        packet. Two things use the arrival instead. Measurements: round trips, how long
+        our answer held a peer's heartbeat, when a peer was last heard. And acks: one that
+        arrived while our lease ran counts before the lease is judged at `now`, as it
+        would have on arrival (a leader woken by its lease's end finds there the acks
+        that renew it); counting a follower's promise is sound whenever it is counted,
+        since the lease runs from our own send time.
+
+        With an empty `arrivals` this is `tick`.
+        """
         ready = Ready()
-        peer = self.peers.get(sender)
-        if peer is None:
-            return ready  # protocol.py already drops unknown senders; be safe anyway
+        batch: list[tuple[PeerState, Message, float]] = []
+        for sender, msg, received_at in arrivals:
+            peer = self.peers.get(sender)
+            if peer is None:
+                continue  # protocol.py already drops unknown senders; be safe anyway
+            received = now if received_at is None else min(now, received_at)
+            batch.append((peer, msg, received))
+            if (
+                isinstance(msg, Heartbeat)
+                and msg.ack is not None
+                and self.role is Role.LEADER
+                and received < self._lease_until
+            ):
+                self._on_ack(peer, msg.ack, now, received)
         self._expire(now, ready)
-        if not peer.alive(now, self.timing.peer_timeout):
-            peer.heard_since = now
-        peer.last_heard = now
-        if msg.term > self.term:
-            self._adopt_term(msg.term, sender)
-        match msg:
-            case Heartbeat():
-                self._on_heartbeat(peer, msg, now)
-            case VoteRequest():
-                self._on_vote_request(peer, msg, now, ready)
-            case VoteResponse():
-                self._on_vote_response(peer, msg, now, ready)
-            case Resign():
-                self._on_resign(peer, msg, now)
+        for peer, msg, received in batch:
+            if not peer.alive(received, self.timing.peer_timeout):
+                peer.heard_since = received
+            if peer.last_heard is None or received > peer.last_heard:
+                peer.last_heard = received
+            if msg.term > self.term:
+                self._adopt_term(msg.term, peer.id)
+            match msg:
+                case Heartbeat():
+                    self._on_heartbeat(peer, msg, now, received)
+                case VoteRequest():
+                    self._on_vote_request(peer, msg, now, ready)
+                case VoteResponse():
+                    self._on_vote_response(peer, msg, now, received, ready)
+                case Resign():
+                    self._on_resign(peer, msg, now)
         self._advance(now, ready)
         return ready
 
@@ -467,6 +504,32 @@ class Election:
         if now >= self._promise_until:
             return None
         return self._promise_to, self._promise_until
+
+    def wake_on(self, now: float) -> frozenset[int] | None:
+        """The peers whose packets must be stepped the moment they arrive (None: all).
+
+        Every other packet may wait for the node's next wake-up (its own deadline, or an
+        urgent packet), which is how an idle cluster wakes once per heartbeat interval
+        and node instead of once per datagram; the waiting costs no safety (a late step
+        is a late packet, see `step`) and no speed, because of who needs what when:
+
+        * A leader: nothing. What its peers send is acks (its lease runs from its own
+          send times, and the next heartbeat is soon enough to count them; the lease
+          outlasts several intervals), state it acts on after `preempt_delay`, and vote
+          requests it refuses while it leads. Its own deadline wakes it for each heartbeat
+          and for its lease's end, and the packets that waited are stepped first.
+        * A follower holding a promise to a leader: only that leader, whose heartbeats it
+          answers at once (so the answer is there for the leader's next heartbeat) and whose
+          Resign frees the promise. It refuses every vote until the promise runs out, and
+          its deadline wakes it then.
+        * Anyone else (a candidate, a voter, a node looking for a leader): everyone.
+        """
+        if self.role_at(now) is Role.LEADER:
+            return frozenset()
+        promise = self.promise_at(now)
+        if promise is not None and promise[0] is not None and self.role is Role.FOLLOWER:
+            return frozenset((promise[0],))
+        return None
 
     def next_deadline(self, now: float) -> float:
         """The earliest future time at which `tick` could change something."""
@@ -566,9 +629,9 @@ class Election:
 
     # ------------------------------------------------------------------ message handlers
 
-    def _on_heartbeat(self, peer: PeerState, msg: Heartbeat, now: float) -> None:
+    def _on_heartbeat(self, peer: PeerState, msg: Heartbeat, now: float, received: float) -> None:
         if msg.ack is not None:
-            self._on_ack(peer, msg.ack, now)
+            self._on_ack(peer, msg.ack, now, received)
         peer.term = msg.term
         peer.leader_id = msg.leader_id
         peer.leading = msg.leading
@@ -584,7 +647,7 @@ class Election:
             self._follow_until = self._promise_until
             if self.role is Role.CANDIDATE:
                 self._abandon_round()
-        self._unacked[peer.id] = (msg.seq, promised, now)
+        self._unacked[peer.id] = (msg.seq, promised, received)
         # Answer a leader at once: its lease is renewed one round trip after its heartbeat,
         # as with a separate ack, and our heartbeat rides along. A leader never answers at
         # once (our answer has `leading` false), so two nodes can never ping-pong.
@@ -605,13 +668,13 @@ class Election:
         self._promise_to = leader
         self._promise_until = now + self.timing.lease_timeout
 
-    def _on_ack(self, peer: PeerState, ack: Ack, now: float) -> None:
+    def _on_ack(self, peer: PeerState, ack: Ack, now: float, received: float) -> None:
         sent_at = self._sent.get(ack.seq)
         if sent_at is None:
             return
         # `held` comes from the peer's clock and only corrects the RTT; a nonsensical one
         # (negative, NaN, longer than the whole exchange) leaves the RTT unknown this time.
-        elapsed = now - sent_at
+        elapsed = received - sent_at
         if 0.0 <= ack.held <= elapsed:
             peer.rtt = elapsed - ack.held
         if ack.promised and self.role is Role.LEADER:
@@ -654,11 +717,11 @@ class Election:
         return None
 
     def _on_vote_response(
-        self, peer: PeerState, msg: VoteResponse, now: float, ready: Ready
+        self, peer: PeerState, msg: VoteResponse, now: float, received: float, ready: Ready
     ) -> None:
         sent_at = self._sent.get(msg.seq)
-        if sent_at is not None:
-            peer.rtt = now - sent_at
+        if sent_at is not None and received >= sent_at:
+            peer.rtt = received - sent_at
         if self.role is not Role.CANDIDATE or msg.term != self.term or not msg.granted:
             return
         if sent_at is None:

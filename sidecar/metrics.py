@@ -191,6 +191,7 @@ _COUNTERS = {
     "leadership_gained": "Times this node became leader",
     "leader_changes": "Changes of the leader this node sees (including to none)",
     "events_missed": "Events a slow subscriber missed",
+    "wakeups": "Times the node woke to read packets or keep time (idle: one per heartbeat)",
 }
 
 

@@ -12,6 +12,10 @@ SO_REUSEPORT would also let a second process of the same user share the port sil
 (a second `fip-sidecar run` with the same config, speaking as the same node id), so
 `open()` first binds the address once *without* it: that fails with EADDRINUSE if any
 socket holds the port, and the process refuses to start (`BindError`).
+
+Every socket asks the kernel to stamp each datagram with its arrival (SO_TIMESTAMPNS):
+a packet that is not urgent waits in its buffer for the node's next wake-up (see
+`Election.wake_on`), and the stamp still tells when it came, for round trips.
 """
 
 from __future__ import annotations
@@ -20,10 +24,18 @@ import contextlib
 import errno
 import logging
 import socket
+import struct
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
+
+#: Linux's SO_TIMESTAMPNS (and SCM_TIMESTAMPNS, the same number) on every architecture
+#: Python's wheels are built for; Python's socket module does not name it.
+_SO_TIMESTAMPNS = 35
+_TIMESPEC = struct.Struct("@ll")
+_ANCILLARY_SIZE = socket.CMSG_SPACE(_TIMESPEC.size)
 
 
 class BindError(OSError):
@@ -133,12 +145,26 @@ class ElectionSockets:
                 sock.close()
 
 
+def receive(sock: socket.socket, size: int) -> tuple[bytes, object, float | None]:
+    """One datagram of at most `size` bytes, its source, and when it arrived by the wall
+    clock (None if the kernel did not stamp it). Raises BlockingIOError when none waits."""
+    data, ancillary, _flags, source = sock.recvmsg(size, _ANCILLARY_SIZE)
+    for level, kind, payload in ancillary:
+        stamped = level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS
+        if stamped and len(payload) >= _TIMESPEC.size:
+            seconds, nanoseconds = _TIMESPEC.unpack_from(payload)
+            return data, source, seconds + nanoseconds * 1e-9
+    return data, source, None
+
+
 def _bound(family: int, bind: tuple[str, int], *, reuse_port: bool = True) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if sys.platform == "linux":
+            sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
         sock.bind(bind)
     except OSError:
         sock.close()

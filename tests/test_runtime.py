@@ -117,6 +117,39 @@ def test_acks_ride_in_heartbeats_six_datagrams_per_interval_and_rtt_still_measur
     assert_safe(cluster)
 
 
+def test_an_idle_node_wakes_once_per_heartbeat_interval_and_rtt_stays_exact(
+    make_cluster: MakeCluster,
+) -> None:
+    """A leader wakes for its heartbeats only (its acks wait in their buffers for the next
+    one) and a follower for the leader's heartbeats only: about one wake-up per interval
+    and node, where one per datagram was three on the leader and two on each follower.
+    The bound is loose (an extra wake-up only ever comes from a late or extra packet).
+    The round trips stay exact although acks wait: the kernel stamps their arrival."""
+    cluster = make_cluster()
+    assert cluster.wait_for_leader(expect=1) == 1
+    time.sleep(1.0)  # past the election's own burst of votes and hand-shakes
+
+    def wakeups() -> tuple[float, dict[int, int]]:
+        statuses = cluster.statuses(timeout=2.0)
+        assert all(s is not None for s in statuses.values()), statuses
+        return time.monotonic(), {n: s["packets"]["wakeups"] for n, s in statuses.items()}  # type: ignore[index]
+
+    start, before = wakeups()
+    time.sleep(3.0)
+    end, after = wakeups()
+    intervals = (end - start) / 0.1  # lan heartbeat_interval
+    per_interval = {n: (after[n] - before[n]) / intervals for n in after}
+    print(f"\nwake-ups per heartbeat interval: {per_interval}")
+    assert all(rate < 1.5 for rate in per_interval.values()), per_interval
+    assert cluster.leaders() == [1]
+    for node, body in cluster.statuses(timeout=2.0).items():
+        assert body is not None
+        rtts = {peer["id"]: peer["rtt"] for peer in body["peers"]}
+        # Loopback: well under the 0.1 s an ack may wait for its leader's next heartbeat.
+        assert all(rtt is not None and 0 <= rtt < 0.05 for rtt in rtts.values()), (node, rtts)
+    assert_safe(cluster)
+
+
 def test_kill_9_of_the_leader_elects_node_2(make_cluster: MakeCluster) -> None:
     cluster = make_cluster()
     cluster.wait_for_leader(expect=1)

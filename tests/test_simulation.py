@@ -158,7 +158,9 @@ def test_the_lossy_acks_scenario_catches_a_lease_counted_from_the_acks_arrival(
     """Negative control: a leader that counted its lease from when a (late) ack arrived,
     instead of from its own send time of the heartbeat promised on, must be caught."""
 
-    def from_arrival(self: Election, peer: PeerState, ack: Ack, now: float) -> None:
+    def from_arrival(
+        self: Election, peer: PeerState, ack: Ack, now: float, received: float
+    ) -> None:
         if ack.seq in self._sent and ack.promised and self.role is Role.LEADER:
             self._record_promise(peer.id, now, now)
 

@@ -2,7 +2,10 @@
 
 True time is the simulator's; each node sees only its own clock (`clock.NodeClock`). A node
 is driven exactly as the Trio runtime drives it: `tick` at its `next_deadline()` (converted
-from local to true time) and `step` for every packet that reaches it.
+from local to true time) and `step` for every packet that reaches it. As in the runtime, a
+packet from a peer outside the receiver's `Election.wake_on` waits (with its arrival time)
+until the receiver's next wake-up, its timer or an urgent packet, and is stepped first then;
+`defer=False` steps every packet on arrival instead, for comparison.
 
 Each node has its own `NodeConfig` (the members it lists and its memberships), so a rolling
 membership change can be simulated (`membership.py`). As in the runtime, a node only talks to
@@ -40,6 +43,7 @@ from dataclasses import dataclass, field
 
 from sidecar.election import (
     FOLLOWER_FALLBACK,
+    Arrival,
     Election,
     GainedLeadership,
     LeaderChanged,
@@ -113,6 +117,9 @@ class SimNode:
     healthy: bool = True
     paused: bool = False
     inbox: list[Packet] = field(default_factory=list)
+    #: Packets that arrived while not urgent (`Election.wake_on`), with their local arrival
+    #: time: stepped at the next wake-up, before it, as the runtime's sockets hold them.
+    deferred: list[tuple[Packet, float]] = field(default_factory=list)
     timer_token: int = 0
     incarnation: int = 0
     started_at: float | None = None  # true time of the current incarnation's start
@@ -149,8 +156,10 @@ class Simulation:
         configs: dict[int, NodeConfig] | None = None,
         track_incarnations: bool = False,
         trace_messages: bool = False,
+        defer: bool = True,
     ) -> None:
         self.members = members
+        self.defer = defer
         self.timing = timing
         self.rng = rng
         self.quorum = len(members) // 2 + 1
@@ -198,6 +207,7 @@ class Simulation:
         node.paused = False
         node.reload_pending = None
         node.inbox.clear()
+        node.deferred.clear()
         node.heard.clear()
         node.started_at = self.now
         local = node.clock.local(self.now)
@@ -247,6 +257,7 @@ class Simulation:
         node.paused = False
         node.reload_pending = None  # the config file is changed: it starts with it
         node.inbox.clear()
+        node.deferred.clear()
         node.timer_token += 1
         self.log(f"n{node_id} crash")
 
@@ -271,6 +282,9 @@ class Simulation:
             return
         node.paused = True
         node.timer_token += 1
+        # What waited for a wake-up is in the socket buffers with what comes while paused.
+        node.inbox[:0] = [packet for packet, _ in node.deferred]
+        node.deferred.clear()
         incarnation = node.incarnation
         self.log(f"n{node_id} pause for {duration:.3f}s")
         self.at(self.now + duration, lambda: self._wake(node_id, incarnation))
@@ -319,36 +333,57 @@ class Simulation:
         if node.paused:
             node.inbox.append(packet)
             return
-        self._deliver_now(node, packet)
+        assert node.election is not None
+        local = node.clock.local(self.now)
+        wake = node.election.wake_on(local)
+        if self.defer and wake is not None and packet.src not in wake:
+            node.deferred.append((packet, local))
+            return
+        self._wake_up(node, packet)
+
+    def _wake_up(self, node: SimNode, urgent: Packet | None = None) -> None:
+        """One wake-up of the runtime's receive loop: the packets that waited, oldest first,
+        then the one that woke it (if a packet did), in one `receive` call."""
+        waiting, node.deferred = node.deferred, []
+        arrivals: list[Arrival] = []
+        for packet, arrived in [*waiting, (urgent, None)]:
+            if packet is not None and self._admit(node, packet):
+                arrivals.append((packet.src, packet.msg, arrived))
+            if not node.up:
+                return
+        self._call(node, lambda e, now: e.receive(arrivals, now))
 
     def _deliver_now(self, node: SimNode, packet: Packet) -> None:
+        if self._admit(node, packet) and node.up:
+            self._call(node, lambda e, now: e.step(packet.src, packet.msg, now))
+
+    def _admit(self, node: SimNode, packet: Packet) -> bool:
+        """What the codec and the peer tracker let through; a new process is told first."""
         src, msg = packet.src, packet.msg
         # What the codec refuses: senders it does not list, and other memberships.
         if src not in node.config.ids or not packet.digests & node.config.digests:
             if self.trace_messages:
                 self.log(f"n{node.id} refuses n{src} (not a member or config_mismatch)")
-            return
+            return False
         restarted = False
         if self.track_incarnations:
             local = node.clock.local(self.now)
             seen = node.heard.get(src)
             if seen is not None and seen[0] != packet.incarnation:
                 if local - seen[1] < self.timing.peer_timeout:
-                    return  # a second process with this id while the first still talks
+                    return False  # a second process with this id while the first still talks
                 restarted = True
             node.heard[src] = (packet.incarnation, local)
         if self.trace_messages:
             self.log(f"n{node.id} <- n{src} {msg!r}")
         if restarted:
             self._call(node, lambda e, now: e.peer_restarted(src, now))
-            if not node.up:
-                return
-        self._call(node, lambda e, now: e.step(src, msg, now))
+        return True
 
     def _timer(self, node_id: int, token: int) -> None:
         node = self.nodes[node_id]
         if node.up and not node.paused and node.timer_token == token:
-            self._call(node, lambda e, now: e.tick(now))
+            self._wake_up(node)
 
     def _call(self, node: SimNode, fn: Callable[[Election, float], Ready]) -> None:
         election = node.election
