@@ -7,13 +7,14 @@ no task sees the core half-updated.
 
 One task, `_loop`, reads every socket and keeps time: it sleeps until the core's own
 `next_deadline` or until a socket the core calls urgent (`Election.wake_on`) is readable,
-then drains *every* socket and steps the core once with all it read. The urgent sockets sit
-in an epoll set of our own, which Trio waits on as one file descriptor. So an idle leader
+then drains *every* socket and steps the core once with all it read. The urgent sockets and
+a timerfd armed for the deadline sit in an epoll set of our own, which Trio waits on as one
+file descriptor (no cancel scope, see `timerfd.py`). So an idle leader
 wakes once per heartbeat interval (its acks wait in their buffers for its next heartbeat)
 and a follower once per leader heartbeat, instead of once per datagram: a wake-up, not a
 datagram, is what an idle node's CPU goes on (about 0.35 ms of interpreter and scheduler
 each, against a few microseconds to decode one more packet). Health changes, reloads and
-shut-down arrive through `_drive`, which calls the core and re-arms `_loop`'s deadline and
+shut-down arrive through `_drive`, which calls the core and re-arms `_loop`'s timer and
 epoll set.
 
 Embedding programs (the assigner, hooks, another Trio program using this as a library)
@@ -53,6 +54,7 @@ from sidecar.election import (
 from sidecar.messages import Heartbeat, Message
 from sidecar.peers import PeerTracker, Verdict
 from sidecar.protocol import MAX_PACKET_SIZE, Codec, Decoded, DropReason, MessageTooLarge, Refused
+from sidecar.timerfd import Deadline
 from sidecar.transport import ElectionSockets, receive
 
 log = logging.getLogger(__name__)
@@ -145,10 +147,12 @@ class Node:
         #: at most once per `_RTT_SAMPLE_PERIOD` per peer, e.g. by metrics.
         self.rtt_observer: Callable[[int, float], None] | None = None
         self._rtt_sampled: dict[int, float] = {}
-        #: `_loop`'s wait: its deadline is the core's `next_deadline`.
-        self._timer: trio.CancelScope | None = None
-        #: The sockets `_loop` wakes for (the core's `wake_on`), as one epoll set.
+        #: What `_loop` waits on, as one epoll set: the timer, armed for the core's
+        #: `next_deadline`, and the sockets the core calls urgent (`wake_on`).
+        self._timer = Deadline()
+        self._timer_due = math.inf  # the deadline it is armed for, on Trio's clock
         self._urgent = select.epoll()
+        self._urgent.register(self._timer, select.EPOLLIN)
         self._urgent_fds: set[int] = set()
         self._urgent_for: frozenset[int] | None = None
         self._urgent_stale = True
@@ -305,6 +309,7 @@ class Node:
                 nursery.cancel_scope.cancel()
         finally:
             self._urgent.close()
+            self._timer.close()
             sockets.close()
             if self._lead_scope is not None:
                 self._lead_scope.cancel()
@@ -337,19 +342,10 @@ class Node:
         return str(host), int(port)
 
     async def _loop(self) -> None:
-        """Sleep until the core's deadline or an urgent packet, then `_wake_up`; forever.
-
-        One cancel scope serves every packet wake-up until its deadline fires (re-entering
-        one per wake-up would cost more than the rest of a follower's wake-up)."""
+        """Sleep until the core's deadline or an urgent packet, then `_wake_up`; forever."""
         self._wake_up()
         while True:
-            with trio.CancelScope(deadline=self.election.next_deadline(trio.current_time())) as (
-                self._timer
-            ):
-                while True:
-                    await trio.lowlevel.wait_readable(self._urgent)
-                    self._wake_up()
-            self._timer = None
+            await trio.lowlevel.wait_readable(self._urgent)
             self._wake_up()
 
     def _wake_up(self) -> None:
@@ -414,14 +410,17 @@ class Node:
         return [(sender, msg, arrived) for arrived, sender, msg in arrivals], restarted
 
     def _rearm(self, now: float) -> None:
-        """Point `_loop` at the core's next deadline and at the sockets it calls urgent."""
+        """Point `_loop` at the core's next deadline and at the sockets it calls urgent.
+
+        The timer is set when the deadline moved, or when it has fired (setting it clears
+        the expiry, which would otherwise keep the epoll set readable); most wake-ups of a
+        leader leave it on the next heartbeat and cost no system call."""
         election = self.election
-        if self._timer is not None:
-            # Most wake-ups leave the deadline where it was (the next heartbeat on the grid);
-            # Trio's setter costs a context manager even then, so only move it on a change.
-            deadline = election.next_deadline(now)
-            if deadline != self._timer.deadline:
-                self._timer.deadline = deadline
+        deadline = election.next_deadline(now)
+        monotonic = time.monotonic()
+        if deadline != self._timer_due or monotonic >= self._timer.when:
+            self._timer_due = deadline
+            self._timer.set(monotonic + (deadline - trio.current_time()))
         urgent = election.wake_on(now)
         if urgent == self._urgent_for and not self._urgent_stale:
             return

@@ -857,3 +857,75 @@ def test_a_reload_that_adds_a_membership_stands_at_once() -> None:
     node.reconfigure(members, (old, new), 0.96)
     node.tick(1.0)
     assert node.role is Role.CANDIDATE
+
+
+# ---------------------------------------------------------------------------- waking
+
+
+def next_heartbeat_of(leader: Election, now: float) -> tuple[float, Heartbeat]:
+    """Run `leader` alone to its next heartbeat: (send time, the heartbeat to node 2)."""
+    for _ in range(100):
+        now = leader.next_deadline(now)
+        ready = leader.tick(now)
+        beats = [o.msg for o in ready.sends if o.to == 2 and isinstance(o.msg, Heartbeat)]
+        if beats:
+            return now, beats[0]
+    raise AssertionError("no heartbeat")
+
+
+def test_wake_on_nothing_for_a_leader_only_the_leader_for_its_followers() -> None:
+    """Who needs which packets at once (`wake_on`): a leader nobody's, a follower holding
+    a promise only its leader's, anyone else everyone's."""
+    h, leader = leader_of_three()
+    assert leader.wake_on(h.now) == frozenset()
+    assert h.nodes[2].wake_on(h.now) == frozenset({1})
+    assert h.nodes[3].wake_on(h.now) == frozenset({1})
+    h.isolate(1)
+    h.run(h.now + LAN.lease_timeout + 0.05)  # promises run out, node 2 stands
+    assert h.nodes[2].wake_on(h.now) in (None, frozenset())  # candidate or new leader
+    assert leader.wake_on(h.now) is None  # lapsed, cut off, looking for a leader
+    fresh = lone(2)
+    assert fresh.wake_on(0.0) is None
+
+
+def test_an_ack_that_arrived_in_time_renews_the_lease_though_stepped_after_its_end() -> None:
+    """The leader's acks wait for its next wake-up; one that came while the lease ran
+    counts as it would have on arrival, so a leader woken by its lease's end keeps it."""
+    h, leader = leader_of_three()
+    sent_at, beat = next_heartbeat_of(leader, h.now)
+    lease_end = leader.lease_until()
+    assert lease_end is not None
+    answer = Heartbeat(**{**_fields(heartbeat(leader.term)), "ack": Ack(beat.seq, True, 0.0)})
+    ready = leader.receive([(2, answer, lease_end - 0.01)], lease_end + 0.001)
+    assert not [e for e in ready.events if isinstance(e, LostLeadership)]
+    assert leader.role_at(lease_end + 0.001) is Role.LEADER
+    assert leader.lease_until() == pytest.approx(sent_at + LAN.lease_timeout * (1 - LAN.max_drift))
+    assert leader.peers[2].rtt == pytest.approx(lease_end - 0.01 - sent_at)
+
+
+def test_an_ack_that_arrived_after_the_lease_ended_does_not_revive_it() -> None:
+    h, leader = leader_of_three()
+    _, beat = next_heartbeat_of(leader, h.now)
+    lease_end = leader.lease_until()
+    assert lease_end is not None
+    answer = Heartbeat(**{**_fields(heartbeat(leader.term)), "ack": Ack(beat.seq, True, 0.0)})
+    ready = leader.receive([(2, answer, lease_end + 0.001)], lease_end + 0.002)
+    assert [e.reason for e in ready.events if isinstance(e, LostLeadership)] == ["lease_expired"]
+    assert leader.role_at(lease_end + 0.002) is not Role.LEADER
+
+
+def test_a_waiting_heartbeat_is_answered_with_the_time_it_really_waited() -> None:
+    """`held` in our ack counts from the packet's arrival, not from when it was stepped,
+    so the peer's round trip excludes the wait; the rules still use the step's time."""
+    node = lone(3)
+    node.tick(0.95)  # its first heartbeat; the next is due at 1.0
+    ready = node.receive([(2, heartbeat(seq=7), 1.01)], 1.08)
+    assert [(a.seq, a.held) for a in acks(ready, to=2)] == [(7, pytest.approx(0.07))]
+    assert node.peers[2].last_heard == pytest.approx(1.01)
+    # An arrival "after" the step (a clock quirk) is taken as the step's own time.
+    node.receive([(2, heartbeat(seq=8), 9.0)], 1.2)
+    assert node.peers[2].last_heard == pytest.approx(1.2)
+
+
+def _fields(beat: Heartbeat) -> dict[str, object]:
+    return {name: getattr(beat, name) for name in beat.__struct_fields__}

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
 
+from sidecar import transport
 from sidecar.transport import ElectionSockets
 
 
@@ -65,3 +67,22 @@ def test_a_flooded_catch_all_buffer_does_not_drop_a_peers_packets(
     got = [a.peers[2].recv(2048) for _ in range(50)]
     assert got == [f"heartbeat {n}".encode() for n in range(50)]
     assert receive(a.catch_all) == b"x" * 400  # the flood is there, in its own buffer
+
+
+def test_every_datagram_comes_with_the_kernels_arrival_stamp(
+    pair: tuple[ElectionSockets, ElectionSockets],
+) -> None:
+    """A packet that waits for the next wake-up still says when it came (for round trips):
+    the stamp lies between the send and the read, however long it sat in the buffer."""
+    a, b = pair
+    before = time.time()
+    a.send(2, b"stamped")
+    time.sleep(0.2)  # it waits, as an ack waits for the leader's next heartbeat
+    data, source, stamp = transport.receive(b.peers[1], 2048)
+    after = time.time()
+    assert data == b"stamped"
+    assert source == a.bind
+    assert stamp is not None
+    assert before - 0.001 <= stamp <= after - 0.15, (before, stamp, after)
+    with pytest.raises(BlockingIOError):
+        transport.receive(b.peers[1], 2048)
