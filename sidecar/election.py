@@ -412,22 +412,20 @@ class Election:
         With an empty `arrivals` this is `tick`.
         """
         ready = Ready()
-        batch: list[tuple[PeerState, Message, float]] = []
+        batch: list[tuple[PeerState, Message, float, bool]] = []
         for sender, msg, received_at in arrivals:
             peer = self.peers.get(sender)
             if peer is None:
                 continue  # protocol.py already drops unknown senders; be safe anyway
             received = now if received_at is None else min(now, received_at)
-            batch.append((peer, msg, received))
-            if (
-                isinstance(msg, Heartbeat)
-                and msg.ack is not None
-                and self.role is Role.LEADER
-                and received < self._lease_until
-            ):
-                self._on_ack(peer, msg.ack, now, received)
+            ack = msg.ack if isinstance(msg, Heartbeat) else None
+            counted = False
+            if ack is not None and self.role is Role.LEADER and received < self._lease_until:
+                self._on_ack(peer, ack, now, received)
+                counted = True
+            batch.append((peer, msg, received, counted))
         self._expire(now, ready)
-        for peer, msg, received in batch:
+        for peer, msg, received, ack_counted in batch:
             if not peer.alive(received, self.timing.peer_timeout):
                 peer.heard_since = received
             if peer.last_heard is None or received > peer.last_heard:
@@ -436,7 +434,7 @@ class Election:
                 self._adopt_term(msg.term, peer.id)
             match msg:
                 case Heartbeat():
-                    self._on_heartbeat(peer, msg, now, received)
+                    self._on_heartbeat(peer, msg, now, received, ack_counted=ack_counted)
                 case VoteRequest():
                     self._on_vote_request(peer, msg, now, ready)
                 case VoteResponse():
@@ -629,8 +627,10 @@ class Election:
 
     # ------------------------------------------------------------------ message handlers
 
-    def _on_heartbeat(self, peer: PeerState, msg: Heartbeat, now: float, received: float) -> None:
-        if msg.ack is not None:
+    def _on_heartbeat(
+        self, peer: PeerState, msg: Heartbeat, now: float, received: float, *, ack_counted: bool
+    ) -> None:
+        if msg.ack is not None and not ack_counted:
             self._on_ack(peer, msg.ack, now, received)
         peer.term = msg.term
         peer.leader_id = msg.leader_id
