@@ -251,6 +251,8 @@ class PeerTracker:
 
     def _check_duplicates(self, record: PeerRecord, now: float) -> None:
         """The current process was heard again after another one appeared: two processes."""
+        if not record.others:
+            return  # the common case, on every packet
         for inc, other in list(record.others.items()):
             if now - other.last_heard >= RECENT:
                 del record.others[inc]

@@ -358,6 +358,7 @@ class Codec:
         if not 1 <= len(digests) <= 2:
             raise ValueError("a node has one membership digest, or two during a change")
         self._digests = digests
+        self._digests_set = frozenset(digests)
         self._members = tuple(sorted((int(i), bool(e)) for i, e in members))
 
     def epoch(self, now: float) -> int:
@@ -440,12 +441,17 @@ class Codec:
         self, data: bytes | bytearray | memoryview, now: float
     ) -> DropReason | Refused | Decoded:
         """Every test in order; updates replay state only when the packet is accepted."""
-        size = memoryview(data).nbytes  # len() of a memoryview counts items, not bytes
+        if type(data) is not bytes:
+            # len() of a memoryview counts items, not bytes; and a receive buffer may be
+            # reused: work on an immutable copy.
+            if memoryview(data).nbytes > MAX_PACKET_SIZE:
+                return DropReason.TOO_LARGE
+            data = bytes(data)
+        size = len(data)
         if size < MIN_PACKET_SIZE:
             return DropReason.TOO_SHORT
         if size > MAX_PACKET_SIZE:
             return DropReason.TOO_LARGE
-        data = bytes(data)  # a receive buffer may be reused: work on an immutable copy
         if data[: len(MAGIC)] != MAGIC:
             return DropReason.BAD_MAGIC
         signed, tag = data[:-TAG_SIZE], data[-TAG_SIZE:]
@@ -495,11 +501,12 @@ class Codec:
     def _refusal(self, env: Envelope, now: float) -> DropReason | None:
         # Written so that anything odd (an epoch from the future, a NaN) is refused too.
         current = self.epoch(now)
-        if not any(
-            inc == self._incarnation and current - 1 <= epoch <= current for inc, epoch in env.echo
-        ):
+        for incarnation, epoch in env.echo:
+            if incarnation == self._incarnation and current - 1 <= epoch <= current:
+                break
+        else:
             return DropReason.STALE
-        if not set(env.digests) & set(self._digests):
+        if self._digests_set.isdisjoint(env.digests):
             return DropReason.CONFIG_MISMATCH
         return None
 

@@ -83,3 +83,6 @@ class Deadline:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+    def __del__(self) -> None:  # like a socket: an object dropped unclosed frees its fd
+        self.close()
