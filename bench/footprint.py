@@ -55,7 +55,6 @@ MAIN_MODULES = (
     "httpx",
     "h11",
     "prometheus_client",
-    "pythonjsonlogger.json",
     "sidecar.protocol",
     "sidecar.election",
     "sidecar.config",
