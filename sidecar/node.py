@@ -161,6 +161,8 @@ class Node:
         self._arrives_on: dict[int, socket.socket] = {}
         #: When `_loop` last drained the sockets: nothing still buffered arrived before.
         self._drained_at = -math.inf
+        #: Per socket (fd), the kernel's count of datagrams dropped for a full buffer.
+        self._overflows: dict[int, int] = {}
 
     # ------------------------------------------------------------------ embedding API
 
@@ -325,6 +327,7 @@ class Node:
             if sock.fileno() in self._urgent_fds:
                 self._urgent.unregister(sock)
                 self._urgent_fds.discard(sock.fileno())
+            self._overflows.pop(sock.fileno(), None)
             sock.close()
         self._arrives_on = {p: s for p, s in self._arrives_on.items() if p in change.addresses}
         self._urgent_stale = True
@@ -389,12 +392,15 @@ class Node:
         for sock in self._sockets.readable():
             for _ in range(_RECEIVE_BATCH):
                 try:
-                    data, source, stamp = receive(sock, MAX_PACKET_SIZE + 1)
+                    datagram = receive(sock, MAX_PACKET_SIZE + 1)
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError:
                     continue  # e.g. ECONNREFUSED reported for an earlier send: not ours
-                result = self.codec.decode(data, now=now)
+                if datagram.drops is not None:
+                    self._count_overflow(sock, datagram.drops)
+                source, stamp = datagram.source, datagram.arrived
+                result = self.codec.decode(datagram.data, now=now)
                 if isinstance(result, DropReason):
                     if result is DropReason.BAD_MAC:
                         self._bad_mac(self._sockets.peer_of(sock), source, now)
@@ -408,6 +414,13 @@ class Node:
                     arrivals.append((max(arrived, since), result.sender, result.msg))
         arrivals.sort(key=lambda arrival: arrival[0])
         return [(sender, msg, arrived) for arrived, sender, msg in arrivals], restarted
+
+    def _count_overflow(self, sock: socket.socket, drops: int) -> None:
+        """The kernel's drop count for `sock` moved: count the difference (it wraps)."""
+        seen = self._overflows.get(sock.fileno(), 0)
+        if drops != seen:
+            self._overflows[sock.fileno()] = drops
+            self.codec.count_drop(DropReason.RECEIVE_BUFFER_FULL, (drops - seen) & 0xFFFFFFFF)
 
     def _rearm(self, now: float) -> None:
         """Point `_loop` at the core's next deadline and at the sockets it calls urgent.

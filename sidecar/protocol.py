@@ -150,6 +150,9 @@ class DropReason(StrEnum):
     CONFIG_MISMATCH = "config_mismatch"
     REPLAY = "replay"
     DUPLICATE_ID = "duplicate_id"  # counted by the runtime: a second process with one id
+    #: Counted by the runtime from the kernel's count (SO_RXQ_OVFL): datagrams that found
+    #: their socket's buffer full, e.g. a flood between two of a leader's heartbeats.
+    RECEIVE_BUFFER_FULL = "receive_buffer_full"
 
 
 class EncodeError(ValueError):
@@ -329,9 +332,9 @@ class Codec:
         """Packets that passed every check."""
         return self._accepted
 
-    def count_drop(self, reason: DropReason) -> None:
+    def count_drop(self, reason: DropReason, packets: int = 1) -> None:
         """Count a drop decided outside the codec (e.g. `DUPLICATE_ID` by the runtime)."""
-        self._drops[reason] += 1
+        self._drops[reason] += packets
 
     def set_peers(self, peer_ids: Iterable[int]) -> None:
         """Change who may send and receive (a live membership change); state of others kept.

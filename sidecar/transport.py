@@ -15,7 +15,9 @@ socket holds the port, and the process refuses to start (`BindError`).
 
 Every socket asks the kernel to stamp each datagram with its arrival (SO_TIMESTAMPNS):
 a packet that is not urgent waits in its buffer for the node's next wake-up (see
-`Election.wake_on`), and the stamp still tells when it came, for round trips.
+`Election.wake_on`), and the stamp still tells when it came, for round trips. And with
+SO_RXQ_OVFL each datagram says how many the socket had dropped for a full buffer, so
+those are counted too (a flood now mostly ends there, between two wake-ups).
 """
 
 from __future__ import annotations
@@ -28,14 +30,17 @@ import struct
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
-#: Linux's SO_TIMESTAMPNS (and SCM_TIMESTAMPNS, the same number) on every architecture
-#: Python's wheels are built for; Python's socket module does not name it.
+#: Linux's SO_TIMESTAMPNS (and SCM_TIMESTAMPNS, the same number) and SO_RXQ_OVFL on every
+#: architecture Python's wheels are built for; Python's socket module names neither.
 _SO_TIMESTAMPNS = 35
+_SO_RXQ_OVFL = 40
 _TIMESPEC = struct.Struct("@ll")
-_ANCILLARY_SIZE = socket.CMSG_SPACE(_TIMESPEC.size)
+_DROPS = struct.Struct("@I")
+_ANCILLARY_SIZE = socket.CMSG_SPACE(_TIMESPEC.size) + socket.CMSG_SPACE(_DROPS.size)
 
 
 class BindError(OSError):
@@ -145,16 +150,29 @@ class ElectionSockets:
                 sock.close()
 
 
-def receive(sock: socket.socket, size: int) -> tuple[bytes, object, float | None]:
-    """One datagram of at most `size` bytes, its source, and when it arrived by the wall
-    clock (None if the kernel did not stamp it). Raises BlockingIOError when none waits."""
+class Datagram(NamedTuple):
+    data: bytes
+    source: object
+    #: When it arrived, by the wall clock (None if the kernel did not stamp it).
+    arrived: float | None
+    #: How many datagrams the socket had dropped for a full buffer before this one, as a
+    #: 32-bit count that wraps (None when it had dropped none yet).
+    drops: int | None
+
+
+def receive(sock: socket.socket, size: int) -> Datagram:
+    """One datagram of at most `size` bytes. Raises BlockingIOError when none waits."""
     data, ancillary, _flags, source = sock.recvmsg(size, _ANCILLARY_SIZE)
+    arrived = drops = None
     for level, kind, payload in ancillary:
-        stamped = level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS
-        if stamped and len(payload) >= _TIMESPEC.size:
+        if level != socket.SOL_SOCKET:
+            continue
+        if kind == _SO_TIMESTAMPNS and len(payload) >= _TIMESPEC.size:
             seconds, nanoseconds = _TIMESPEC.unpack_from(payload)
-            return data, source, seconds + nanoseconds * 1e-9
-    return data, source, None
+            arrived = seconds + nanoseconds * 1e-9
+        elif kind == _SO_RXQ_OVFL and len(payload) >= _DROPS.size:
+            (drops,) = _DROPS.unpack_from(payload)
+    return Datagram(data, source, arrived, drops)
 
 
 def _bound(family: int, bind: tuple[str, int], *, reuse_port: bool = True) -> socket.socket:
@@ -165,6 +183,7 @@ def _bound(family: int, bind: tuple[str, int], *, reuse_port: bool = True) -> so
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if sys.platform == "linux":
             sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+            sock.setsockopt(socket.SOL_SOCKET, _SO_RXQ_OVFL, 1)
         sock.bind(bind)
     except OSError:
         sock.close()

@@ -247,6 +247,7 @@ def test_drops_every_reason_present_and_read_only() -> None:
         "config_mismatch",
         "replay",
         "duplicate_id",
+        "receive_buffer_full",
     }
     with pytest.raises(TypeError):
         codec.drops[DropReason.REPLAY] = 5  # type: ignore[index]

@@ -287,6 +287,7 @@ def capture(lab: Lab, host: Host, seconds: float) -> list[Captured]:
 #: challenge is fresh and `stale` after (two epochs, 2 s with `lan`): which one depends on
 #: when it arrives, so the two are counted together.
 REPLAY_OR_STALE = f"{DropReason.REPLAY}|{DropReason.STALE}"
+OVERFLOW = str(DropReason.RECEIVE_BUFFER_FULL)
 
 
 def expected_reason(envelope: Envelope, receiver: int) -> str:
@@ -496,6 +497,10 @@ def assert_counted(
     for node in after.drops:
         want = expected.get(node, collections.Counter())
         lost_in_kernel = after.kernel[node] - before.kernel[node]
+        # The node's count of what its sockets' full buffers dropped (SO_RXQ_OVFL) is a part
+        # of what the kernel dropped, not a reason of its own; and it comes in late (with
+        # the next datagram read, which after a flood may be a second after the drop).
+        got[node].pop(OVERFLOW, 0)
         covered = {reason for key in want for reason in key.split("|")}
         keys = set(want) | (set(got[node]) - covered)
         for key in keys:
@@ -863,6 +868,7 @@ def test_flood_at_the_leader_and_a_follower_is_counted_and_survived(arena: Arena
 
     expected = plan.expected(report["sent"])
     got = after.drops_since(before)
+    overflow = {node: got[node].pop(OVERFLOW, 0) for node in got}
     print(
         f"\nflood: {sum(report['sent'])} packets in {report['seconds']:.2f} s = "
         f"{report['rate']:.0f} pps (target {FLOOD_PPS:.0f}), send errors {report['errors']}, "
@@ -881,7 +887,9 @@ def test_flood_at_the_leader_and_a_follower_is_counted_and_survived(arena: Arena
             "packet, everything else included); /status answered "
             f"{sum(polls[node])}/{len(polls[node])} polls; longest peer silence seen "
             f"{max_silence[node]:.2f} s; sent {sent}, counted {sum(got[node].values())}, "
-            f"kernel drops {after.kernel[node] - before.kernel[node]}; by reason {dict(got[node])}"
+            f"kernel drops {after.kernel[node] - before.kernel[node]} (the node counted "
+            f"{overflow[node]} of them from its sockets' overflow counts); "
+            f"by reason {dict(got[node])}"
         )
     assert all(cluster.processes[n].running() for n in cluster.specs), "a node process died"
     for node in cluster.specs:
@@ -894,6 +902,10 @@ def test_flood_at_the_leader_and_a_follower_is_counted_and_survived(arena: Arena
         counted = sum(got[node].values())
         kernel = after.kernel[node] - before.kernel[node]
         assert counted <= sent, (node, counted, sent)
+        assert overflow[node] <= kernel, (node, overflow[node], kernel)
+        # Most of the flood overflows the catch-all socket between two wake-ups, and the
+        # node says so itself (receive_buffer_full), not only the kernel's counters.
+        assert kernel == 0 or overflow[node] > 0, (node, kernel)
         unseen = sent - counted - kernel
         assert unseen <= unseen_budget + UNSEEN_LOSS_SHARE * sent, (
             f"node {node}: {unseen} of {sent} flood packets neither counted nor dropped by "

@@ -78,11 +78,37 @@ def test_every_datagram_comes_with_the_kernels_arrival_stamp(
     before = time.time()
     a.send(2, b"stamped")
     time.sleep(0.2)  # it waits, as an ack waits for the leader's next heartbeat
-    data, source, stamp = transport.receive(b.peers[1], 2048)
+    datagram = transport.receive(b.peers[1], 2048)
     after = time.time()
-    assert data == b"stamped"
-    assert source == a.bind
-    assert stamp is not None
-    assert before - 0.001 <= stamp <= after - 0.15, (before, stamp, after)
+    assert datagram.data == b"stamped"
+    assert datagram.source == a.bind
+    assert datagram.arrived is not None
+    assert before - 0.001 <= datagram.arrived <= after - 0.15, (before, datagram, after)
+    assert datagram.drops is None  # nothing dropped yet
     with pytest.raises(BlockingIOError):
         transport.receive(b.peers[1], 2048)
+
+
+def test_a_full_buffer_says_how_many_it_dropped(
+    pair: tuple[ElectionSockets, ElectionSockets],
+) -> None:
+    """A datagram that finds its socket's buffer full is dropped by the kernel; the next one
+    read says how many went (SO_RXQ_OVFL), so the node counts them as receive_buffer_full."""
+    a, b = pair
+    sock = b.peers[1]
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the kernel's minimum, ~2 KiB
+    for _ in range(200):
+        a.send(2, b"y" * 400)
+    first = transport.receive(sock, 2048)
+    read = 1
+    while True:
+        try:
+            transport.receive(sock, 2048)
+        except BlockingIOError:
+            break
+        read += 1
+    a.send(2, b"after")
+    last = transport.receive(sock, 2048)
+    assert last.data == b"after"
+    assert last.drops is not None and last.drops > 0
+    assert last.drops == 200 - read, (first.drops, last.drops, read)
