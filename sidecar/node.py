@@ -12,8 +12,9 @@ a timerfd armed for the deadline sit in an epoll set of our own, which Trio wait
 file descriptor (no cancel scope, see `timerfd.py`). So an idle leader
 wakes once per heartbeat interval (its acks wait in their buffers for its next heartbeat)
 and a follower once per leader heartbeat, instead of once per datagram: a wake-up, not a
-datagram, is what an idle node's CPU goes on (about 0.35 ms of interpreter and scheduler
-each, against a few microseconds to decode one more packet). Health changes, reloads and
+datagram, is what an idle node's CPU goes on (0.4-0.7 ms of interpreter, scheduler and
+kernel each, starting with cold caches, against a few microseconds to decode one more
+packet once awake). Health changes, reloads and
 shut-down arrive through `_drive`, which calls the core and re-arms `_loop`'s timer and
 epoll set.
 
