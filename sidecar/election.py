@@ -509,7 +509,7 @@ class Election:
         Every other packet may wait for the node's next wake-up (its own deadline, or an
         urgent packet), which is how an idle cluster wakes once per heartbeat interval
         and node instead of once per datagram; the waiting costs no safety (a late step
-        is a late packet, see `step`) and no speed, because of who needs what when:
+        is a late packet, see `receive`) and no speed, because of who needs what when:
 
         * A leader: nothing. What its peers send is acks (its lease runs from its own
           send times, and the next heartbeat is soon enough to count them; the lease

@@ -54,6 +54,7 @@ class Deadline:
     """
 
     def __init__(self) -> None:
+        self._fd = -1
         fd: int = _create(_CLOCK_MONOTONIC, _TFD_NONBLOCK | _TFD_CLOEXEC)
         if fd < 0:
             errno = ctypes.get_errno()
