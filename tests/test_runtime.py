@@ -96,25 +96,39 @@ def test_acks_ride_in_heartbeats_six_datagrams_per_interval_and_rtt_still_measur
     cluster = make_cluster()
     assert cluster.wait_for_leader(expect=1) == 1
     time.sleep(1.0)  # past the election's own burst of votes and hand-shakes
-
-    def sent() -> tuple[float, int]:
-        statuses = cluster.statuses(timeout=2.0)
-        assert all(s is not None for s in statuses.values()), statuses
-        return time.monotonic(), sum(s["packets"]["packets_sent"] for s in statuses.values())  # type: ignore[index]
-
-    start, before = sent()
-    time.sleep(3.0)
-    end, after = sent()
-    intervals = (end - start) / 0.1  # lan heartbeat_interval
-    per_interval = (after - before) / intervals
+    per_interval = sum(per_heartbeat_interval(cluster, "packets_sent").values())
     print(f"\n{per_interval:.2f} datagrams per heartbeat interval (3 nodes)")
     assert per_interval < 9.0
     assert cluster.leaders() == [1]
-    for node, body in cluster.statuses(timeout=2.0).items():
-        assert body is not None
-        rtts = {peer["id"]: peer["rtt"] for peer in body["peers"]}
+    for node, rtts in peer_rtts(cluster).items():
         assert all(rtt is not None and 0 <= rtt < 1.0 for rtt in rtts.values()), (node, rtts)
     assert_safe(cluster)
+
+
+def per_heartbeat_interval(
+    cluster: LocalCluster, counter: str, seconds: float = 3.0
+) -> dict[int, float]:
+    """Per node, how much `/status` `packets.<counter>` grows per `lan` heartbeat interval."""
+
+    def read() -> tuple[float, dict[int, int]]:
+        statuses = cluster.statuses(timeout=2.0)
+        assert all(s is not None for s in statuses.values()), statuses
+        return time.monotonic(), {n: s["packets"][counter] for n, s in statuses.items()}
+
+    start, before = read()
+    time.sleep(seconds)
+    end, after = read()
+    intervals = (end - start) / 0.1  # lan heartbeat_interval
+    return {n: (after[n] - before[n]) / intervals for n in after}
+
+
+def peer_rtts(cluster: LocalCluster) -> dict[int, dict[int, float | None]]:
+    """Per node, the RTT `/status` reports for each peer."""
+    rtts = {}
+    for node, body in cluster.statuses(timeout=2.0).items():
+        assert body is not None
+        rtts[node] = {peer["id"]: peer["rtt"] for peer in body["peers"]}
+    return rtts
 
 
 def test_an_idle_node_wakes_once_per_heartbeat_interval_and_rtt_stays_exact(
@@ -128,23 +142,11 @@ def test_an_idle_node_wakes_once_per_heartbeat_interval_and_rtt_stays_exact(
     cluster = make_cluster()
     assert cluster.wait_for_leader(expect=1) == 1
     time.sleep(1.0)  # past the election's own burst of votes and hand-shakes
-
-    def wakeups() -> tuple[float, dict[int, int]]:
-        statuses = cluster.statuses(timeout=2.0)
-        assert all(s is not None for s in statuses.values()), statuses
-        return time.monotonic(), {n: s["packets"]["wakeups"] for n, s in statuses.items()}  # type: ignore[index]
-
-    start, before = wakeups()
-    time.sleep(3.0)
-    end, after = wakeups()
-    intervals = (end - start) / 0.1  # lan heartbeat_interval
-    per_interval = {n: (after[n] - before[n]) / intervals for n in after}
+    per_interval = per_heartbeat_interval(cluster, "wakeups")
     print(f"\nwake-ups per heartbeat interval: {per_interval}")
     assert all(rate < 1.5 for rate in per_interval.values()), per_interval
     assert cluster.leaders() == [1]
-    for node, body in cluster.statuses(timeout=2.0).items():
-        assert body is not None
-        rtts = {peer["id"]: peer["rtt"] for peer in body["peers"]}
+    for node, rtts in peer_rtts(cluster).items():
         # Loopback: well under the 0.1 s an ack may wait for its leader's next heartbeat.
         assert all(rtt is not None and 0 <= rtt < 0.05 for rtt in rtts.values()), (node, rtts)
     assert_safe(cluster)
