@@ -410,7 +410,10 @@ class Node:
                     self._refused(result, now, source)
                     continue
                 if self._admit(result, now, wall, source, restarted):
-                    self._arrives_on[result.sender] = sock
+                    if self._arrives_on.get(result.sender) is not sock:
+                        # A peer's packets moved socket (a NAT): wake for the new one.
+                        self._arrives_on[result.sender] = sock
+                        self._urgent_stale = True
                     arrived = now if stamp is None else now - max(0.0, wall - stamp)
                     arrivals.append((max(arrived, since), result.sender, result.msg))
         arrivals.sort(key=lambda arrival: arrival[0])
@@ -427,8 +430,8 @@ class Node:
         """Point `_loop` at the core's next deadline and at the sockets it calls urgent.
 
         The timer is set when the deadline moved, or when it has fired (setting it clears
-        the expiry, which would otherwise keep the epoll set readable); most wake-ups of a
-        leader leave it on the next heartbeat and cost no system call."""
+        the expiry, which would otherwise keep the epoll set readable). The epoll set is
+        changed only when the urgent peers, or the socket one of them arrives on, changed."""
         election = self.election
         deadline = election.next_deadline(now)
         monotonic = time.monotonic()
