@@ -1,22 +1,29 @@
 """The Trio runtime around the election core: UDP sockets, and the calls into the core.
 
-The `Election` object has one owner at a time, by construction rather than by a task: every
-call into it is synchronous and is followed, without an `await` in between, by sending what
-it returned, and Trio runs one task at a time on one thread. So no two calls interleave and
-no task sees the core half-updated.
+The election loop runs on a thread of its own (`_loop_in_thread`, started through
+`trio.to_thread`) and reads every socket and keeps time: it sleeps in `epoll_wait` until the
+core's own `next_deadline` or until a socket the core calls urgent (`Election.wake_on`) is
+readable, then drains *every* socket and steps the core once with all it read. The urgent
+sockets, a timerfd armed for the deadline (`timerfd.py`) and an eventfd to poke it sit in
+an epoll set of our own. So an idle leader wakes once per heartbeat interval (its acks wait
+in their buffers for its next heartbeat) and a follower once per leader heartbeat, instead
+of once per datagram: a wake-up, not a datagram, is what an idle node's CPU goes on
+(0.4-0.7 ms of interpreter and kernel each, starting with cold caches, against a few
+microseconds to decode one more packet once awake).
 
-One task, `_loop`, reads every socket and keeps time: it sleeps until the core's own
-`next_deadline` or until a socket the core calls urgent (`Election.wake_on`) is readable,
-then drains *every* socket and steps the core once with all it read. The urgent sockets and
-a timerfd armed for the deadline sit in an epoll set of our own, which Trio waits on as one
-file descriptor (no cancel scope, see `timerfd.py`). So an idle leader
-wakes once per heartbeat interval (its acks wait in their buffers for its next heartbeat)
-and a follower once per leader heartbeat, instead of once per datagram: a wake-up, not a
-datagram, is what an idle node's CPU goes on (0.4-0.7 ms of interpreter, scheduler and
-kernel each, starting with cold caches, against a few microseconds to decode one more
-packet once awake). Health changes, reloads and
-shut-down arrive through `_drive`, which calls the core and re-arms `_loop`'s timer and
-epoll set.
+Why a thread and not a Trio task: Trio's scheduler was 0.1-0.15 ms of every wake-up
+(measured: a thread waking on a timerfd costs 0.12-0.18 % of a core at 10 wake-ups/s, the
+same loop as a Trio task 0.31 %), 13 % of an idle node's CPU; and the election keeps its
+timing while Trio's thread is busy or blocked (a slow listener, a long synchronous call),
+which no task can promise. Everything else stays in Trio: health changes, reloads and
+shut-down arrive through `_drive`, which calls the core and pokes the loop to re-arm;
+events are published to subscribers and listeners on Trio's thread, in order.
+
+One lock (`_lock`, re-entrant) guards the core, the codec, the peer tracker and the
+sockets: every call into the core, from either thread, holds it and sends what the core
+returned before letting go, so no two calls interleave and nobody sees the core
+half-updated. The loop holds it for one wake-up (well under a millisecond); Trio's side
+holds it for one call.
 
 Embedding programs (the assigner, hooks, another Trio program using this as a library)
 get leadership three ways, all Trio-friendly: `subscribe()` yields every event on a memory
@@ -27,13 +34,16 @@ current state); `is_leader()` reads the lease against the clock right now; and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
+import os
 import random
 import secrets
 import select
 import socket
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -60,6 +70,16 @@ from sidecar.transport import ElectionSockets, receive
 
 log = logging.getLogger(__name__)
 
+#: Readiness reported per `epoll_wait` of the loop (more wait for the next call).
+_MAX_EVENTS = 16
+#: How long shutting down waits for the loop thread to finish its wake-up (seconds).
+_LOOP_EXIT_TIMEOUT = 2.0
+#: Trio's thread shows it is alive this often (seconds)...
+_TRIO_BEAT = 1.0
+#: ...and after this long without a sign the node counts itself unhealthy (seconds): the
+#: health checks, the assigner and the hooks all run there, so a node whose Trio thread is
+#: wedged must not keep the lead on the strength of its election thread alone.
+_TRIO_STALL_LIMIT = 3.0
 #: Pending inputs (health changes, reloads, shut-down) for `_drive`.
 _INPUT_BUFFER = 256
 #: Datagrams read per socket and wake-up: a flood costs a bounded batch per wake-up, and a
@@ -134,26 +154,47 @@ class Node:
         self._rng = rng or random.Random()
         self.counters = Counters()
         self._election: Election | None = None
+        #: Guards the core, codec, tracker and sockets (see the module docstring).
+        self._lock = threading.RLock()
+        #: Trio's clock, set by `run`; read from either thread (`_now`).
+        self._clock: trio.abc.Clock | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        #: Events for Trio's thread to publish, in the core's order (under `_lock`).
+        self._pending: list[Event] = []
+        #: Set (under `_lock`) once the core has resigned for good or the node is closing:
+        #: the loop thread must not touch it again.
+        self._finished = False
+        self._loop_running = False  # under `_lock`
+        self._loop_exited = threading.Event()
         self._inputs_tx, self._inputs_rx = trio.open_memory_channel[_Input](_INPUT_BUFFER)
         self._subscribers: list[trio.MemorySendChannel[Event]] = []
         self._listeners: list[EventListener] = []
         self._lead_scope: trio.CancelScope | None = None
         self._leadership_changed = trio.Event()
         self._healthy_initially = True
+        #: The local service's health as last reported, and whether Trio's thread has
+        #: stalled: the core hears `healthy` only while both are well (`_health_for_core`).
+        self._service_healthy = True
+        self._trio_stalled = False
+        self._trio_seen = -math.inf
         self._health_allowance: float | None = None
         self._elections_seen = 0
         self._sockets: ElectionSockets | None = None
         self._stopped = trio.Event()
         #: Called with (peer id, seconds) for an RTT measured from an acknowledged heartbeat,
         #: at most once per `_RTT_SAMPLE_PERIOD` per peer, e.g. by metrics.
+        #: Called on the loop thread (under the lock), so it must be quick and thread-safe.
         self.rtt_observer: Callable[[int, float], None] | None = None
         self._rtt_sampled: dict[int, float] = {}
-        #: What `_loop` waits on, as one epoll set: the timer, armed for the core's
-        #: `next_deadline`, and the sockets the core calls urgent (`wake_on`).
+        #: What the loop thread waits on, as one epoll set: the timer, armed for the
+        #: core's `next_deadline`, the sockets the core calls urgent (`wake_on`), and an
+        #: eventfd by which Trio's side wakes it (`_poke`).
         self._timer = Deadline()
         self._timer_due = math.inf  # the deadline it is armed for, on Trio's clock
+        self._poke_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._urgent = select.epoll()
         self._urgent.register(self._timer, select.EPOLLIN)
+        self._urgent.register(self._poke_fd, select.EPOLLIN)
         self._urgent_fds: set[int] = set()
         self._urgent_for: frozenset[int] | None = None
         self._urgent_stale = True
@@ -174,18 +215,23 @@ class Node:
         return self._election
 
     def is_leader(self) -> bool:
-        """Leader right now by the lease, even if the driving task has not run since a pause."""
-        return self._election is not None and (
-            self._election.role_at(trio.current_time()) is Role.LEADER
-        )
+        """Leader right now by the lease, even if the loop has not run since a pause."""
+        with self._lock:
+            return self._election is not None and (
+                self._election.role_at(self._now()) is Role.LEADER
+            )
 
     def view(self) -> View:
-        return self.election.view(trio.current_time())
+        with self._lock:
+            return self.election.view(self._now())
 
     def peer_reports(self) -> dict[int, dict[str, object]]:
         """Per peer, what the election view does not say: its clock offset, why it is not
         counted (when it is not), and any second process speaking with its id."""
-        now = trio.current_time()
+        with self._lock:
+            return self._peer_reports(self._now())
+
+    def _peer_reports(self, now: float) -> dict[int, dict[str, object]]:
         timeout = self.config.timing.peer_timeout
         reports: dict[int, dict[str, object]] = {}
         for peer_id, record in self.tracker.peers.items():
@@ -207,14 +253,21 @@ class Node:
         return reports
 
     def drop_counts(self) -> Mapping[str, int]:
-        return {str(reason): count for reason, count in self.codec.drops.items()}
+        with self._lock:
+            return {str(reason): count for reason, count in self.codec.drops.items()}
 
     def counter_values(self) -> Mapping[str, int]:
-        return dataclasses.asdict(self.counters)
+        with self._lock:
+            return dataclasses.asdict(self.counters)
 
     def to_monotonic(self, trio_time: float) -> float:
         """Convert a Trio clock reading to CLOCK_MONOTONIC, the clock logs share."""
-        return time.monotonic() - (trio.current_time() - trio_time)
+        return time.monotonic() - (self._now() - trio_time)
+
+    def _now(self) -> float:
+        """Trio's clock, from either thread (`trio.current_time` works only on Trio's)."""
+        assert self._clock is not None, "the node is not running yet"
+        return self._clock.current_time()
 
     async def wait_until_leader(self) -> trio.CancelScope:
         """Return once this node leads, with a scope that is cancelled when it stops leading."""
@@ -280,11 +333,15 @@ class Node:
         }
         bind = self.config.bind
         self._sockets = sockets = ElectionSockets.open((bind.host, bind.port), addresses)
+        self._clock = trio.lowlevel.current_clock()
+        self._token = trio.lowlevel.current_trio_token()
+        self._service_healthy = self._healthy_initially
+        self._trio_seen = self._now()
         self._election = Election(
             self.config.node_id,
             self.config.members,
             self.config.timing,
-            trio.current_time(),
+            self._now(),
             self._rng,
             healthy=self._healthy_initially,
             memberships=self.config.memberships,
@@ -307,12 +364,15 @@ class Node:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._loop)
                 nursery.start_soon(self._drive)
+                nursery.start_soon(self._show_trio_alive)
                 task_status.started()
                 await self._stopped.wait()
                 nursery.cancel_scope.cancel()
         finally:
+            self._stop_loop()
             self._urgent.close()
             self._timer.close()
+            os.close(self._poke_fd)
             sockets.close()
             if self._lead_scope is not None:
                 self._lead_scope.cancel()
@@ -346,26 +406,98 @@ class Node:
         return str(host), int(port)
 
     async def _loop(self) -> None:
-        """Sleep until the core's deadline or an urgent packet, then `_wake_up`; forever."""
-        self._wake_up()
+        """Run the election loop on a thread of its own until the node stops.
+
+        An exception in the loop ends up here, and so stops the node as a task's would.
+        Cancelled (the node stops), it leaves the thread behind; `run` stops it."""
+        try:
+            await trio.to_thread.run_sync(
+                self._loop_in_thread, abandon_on_cancel=True, limiter=trio.CapacityLimiter(1)
+            )
+        finally:
+            self._stop_loop()
+
+    def _loop_in_thread(self) -> None:
+        """Sleep until the core's deadline, an urgent packet or a poke, then `_wake_up`."""
+        with self._lock:
+            if self._finished:
+                return  # stopped before this thread got going: its files may be closed
+            self._loop_running = True
+        try:
+            while True:
+                with self._lock:
+                    if self._finished:
+                        return
+                    self._wake_up()
+                try:
+                    ready = self._urgent.poll(-1, _MAX_EVENTS)
+                except (ValueError, OSError):
+                    if self._finished:
+                        return  # closed under us while stopping
+                    raise
+                if any(fd == self._poke_fd for fd, _ in ready):
+                    with contextlib.suppress(BlockingIOError):
+                        os.eventfd_read(self._poke_fd)
+        finally:
+            self._loop_exited.set()
+
+    async def _show_trio_alive(self) -> None:
+        """Tell the loop thread, every `_TRIO_BEAT`, that Trio's thread still runs."""
         while True:
-            await trio.lowlevel.wait_readable(self._urgent)
-            self._wake_up()
+            self._trio_seen = self._now()
+            await trio.sleep(_TRIO_BEAT)
+
+    def _check_trio(self, now: float, ready: Ready) -> None:
+        """On the loop thread: a Trio thread silent for `_TRIO_STALL_LIMIT` makes the node
+        unhealthy to the core (it hands over if it leads), until it shows up again."""
+        stalled = now - self._trio_seen > _TRIO_STALL_LIMIT
+        if stalled == self._trio_stalled:
+            return
+        self._trio_stalled = stalled
+        if self.election.health_pending:
+            return  # the first verdict, through `_drive`, will include the stall
+        if stalled:
+            log.warning(
+                "Trio's thread is stalled; reporting unhealthy until it runs again",
+                extra={"event": "trio_stalled", "silent": round(now - self._trio_seen, 3)},
+            )
+        else:
+            log.info("Trio's thread runs again", extra={"event": "trio_recovered"})
+        step = self.election.set_healthy(self._health_for_core(), now)
+        ready.sends += step.sends
+        ready.events += step.events
+
+    def _health_for_core(self) -> bool:
+        return self._service_healthy and not self._trio_stalled
+
+    def _poke(self) -> None:
+        """Wake the loop thread for a `_wake_up` now (from any thread)."""
+        with contextlib.suppress(OSError):
+            os.eventfd_write(self._poke_fd, 1)
+
+    def _stop_loop(self) -> None:
+        """Tell the loop thread to return, and wait until it has if it runs: nothing may
+        close its sockets or epoll set under it. It holds the lock for a wake-up at most."""
+        with self._lock:
+            self._finished = True
+            running = self._loop_running
+        self._poke()
+        if running and not self._loop_exited.wait(_LOOP_EXIT_TIMEOUT):
+            log.error("the election loop thread did not stop")
 
     def _wake_up(self) -> None:
-        """Drain every socket, step the core once with all of it, send, re-arm `_loop`.
+        """Drain every socket, step the core once with all of it, send, re-arm the loop.
 
-        Synchronous on purpose (see the module docstring): nothing else can touch the core
-        until it returns. Peers that turned out to be new processes are told first."""
-        if self._stopped.is_set():
-            return  # shut down: the core has resigned and must not answer any more
+        Called with `_lock` held, on the loop thread: nothing else can touch the core until
+        it returns. Peers that turned out to be new processes are told first."""
         self.counters.wakeups += 1
-        now = trio.current_time()
+        now = self._now()
         wall = time.time()
         arrivals, restarted = self._drain(now, wall)
         self._log_warnings()
         election = self.election
         ready = Ready()
+        self._check_trio(now, ready)
         for sender in restarted:
             step = election.peer_restarted(sender, now)
             ready.sends += step.sends
@@ -380,6 +512,10 @@ class Node:
         self._count_elections(now)
         self._apply(ready)
         self._rearm(now)
+        if self._pending:
+            assert self._token is not None
+            with contextlib.suppress(trio.RunFinishedError):  # only while stopping
+                self._token.run_sync_soon(self._publish_pending)
 
     def _drain(self, now: float, wall: float) -> tuple[list[Arrival], list[int]]:
         """Read up to a batch from every socket: what authenticates, oldest first, with its
@@ -437,7 +573,7 @@ class Node:
         monotonic = time.monotonic()
         if deadline != self._timer_due or monotonic >= self._timer.when:
             self._timer_due = deadline
-            self._timer.set(monotonic + (deadline - trio.current_time()))
+            self._timer.set(monotonic + (deadline - now))
         urgent = election.wake_on(now)
         if urgent == self._urgent_for and not self._urgent_stale:
             return
@@ -509,29 +645,39 @@ class Node:
             log.warning(warning.message, extra=warning.fields)
 
     async def _drive(self) -> None:
-        """Health, reloads and shut-down: every input of the core but packets and time."""
+        """Health, reloads and shut-down: every input of the core but packets and time.
+
+        Each is applied under the lock on Trio's thread; then the loop thread is poked to
+        drain, tick and re-arm (its timer and epoll set are its own), and what the call
+        published goes out here, after what the loop queued before it."""
         election = self.election
         while True:
             item = await self._inputs_rx.receive()
-            now = trio.current_time()
-            match item:
-                case _HealthChanged(healthy):
-                    log.info(
-                        "local service health changed",
-                        extra={"event": "health", "healthy": healthy},
-                    )
-                    ready = election.set_healthy(healthy, now)
-                case _Reconfigure():
-                    ready = self._apply_config(item, now)
-                    item.done.set()
-                case _Shutdown():
-                    ready = election.shutdown(now)
-                    self._apply(ready)
-                    self._stopped.set()
-                    return
-            self._count_elections(now)
-            self._apply(ready)
-            self._rearm(now)
+            if isinstance(item, _HealthChanged):
+                log.info(
+                    "local service health changed",
+                    extra={"event": "health", "healthy": item.healthy},
+                )
+            with self._lock:
+                now = self._now()
+                match item:
+                    case _HealthChanged(healthy):
+                        self._service_healthy = healthy
+                        ready = election.set_healthy(self._health_for_core(), now)
+                    case _Reconfigure():
+                        ready = self._apply_config(item, now)
+                    case _Shutdown():
+                        ready = election.shutdown(now)
+                        self._finished = True  # resigned: the loop must not answer any more
+                self._count_elections(now)
+                self._apply(ready)
+            self._poke()
+            self._publish_pending()
+            if isinstance(item, _Reconfigure):
+                item.done.set()
+            elif isinstance(item, _Shutdown):
+                self._stopped.set()
+                return
 
     def _count_elections(self, now: float) -> None:
         """Every round the core started, even several within one call (churn shows)."""
@@ -545,11 +691,11 @@ class Node:
             )
 
     def _apply(self, ready: Ready) -> None:
-        for event in ready.events:
-            self._publish(event)
+        """Send what the core returned, and queue its events for `_publish_pending`."""
+        self._pending += ready.events
         assert self._sockets is not None
         wall = time.time()
-        now = trio.current_time()
+        now = self._now()
         for out in ready.sends:
             try:
                 data = self.codec.encode(
@@ -574,13 +720,22 @@ class Node:
     # ------------------------------------------------------------------ events
 
     def _fields(self, now: float, **extra: object) -> dict[str, object]:
-        election = self.election
-        return {
-            "term": election.term,
-            "role": str(election.role_at(now)),
-            "leader": election.leader_at(now),
-            **extra,
-        }
+        with self._lock:
+            election = self.election
+            return {
+                "term": election.term,
+                "role": str(election.role_at(now)),
+                "leader": election.leader_at(now),
+                **extra,
+            }
+
+    def _publish_pending(self) -> None:
+        """On Trio's thread: publish what the core returned, in its order, outside the
+        lock (a listener may read the node, and a slow one must not hold up the loop)."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for event in pending:
+            self._publish(event)
 
     def _publish(self, event: Event) -> None:
         match event:

@@ -4,6 +4,7 @@ and the status port's HTTP server (`sidecar/httpserver.py`) against clients good
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar import config
+from sidecar import node as node_module
 from sidecar.election import GainedLeadership, LostLeadership, Role
 from sidecar.httpserver import HTTPServer, Limits, Response, Route
 from sidecar.metrics import Metrics
@@ -88,6 +90,44 @@ async def test_library_api_elects_node_1_and_publishes_events(three_nodes: list[
             if isinstance(event, GainedLeadership):
                 break
     assert all(n.view().leader_id == 1 for n in three_nodes)
+
+
+async def test_the_election_runs_while_trios_thread_is_blocked(three_nodes: list[Node]) -> None:
+    """The election has a thread of its own: an embedding program that blocks Trio's thread
+    for far longer than a lease (a slow listener, a synchronous call, a stuck task) costs
+    the leader neither its lease nor its term, and no follower notices."""
+    leader = await wait_for_leader(three_nodes)
+    term = leader.view().term
+    events = [node.subscribe() for node in three_nodes]
+    sent_before = [node.counter_values()["packets_sent"] for node in three_nodes]
+    time.sleep(3 * leader.config.timing.lease_timeout)  # noqa: ASYNC251 (the point: block Trio)
+    assert leader.is_leader()
+    sent = [
+        node.counter_values()["packets_sent"] - before
+        for node, before in zip(three_nodes, sent_before, strict=True)
+    ]
+    assert all(count >= 10 for count in sent), sent  # they kept heartbeating and acking
+    await trio.sleep(0.3)  # let the events of the blocked time arrive, if there were any
+    assert leader.is_leader() and leader.view().term == term
+    assert all(node.view().leader_id == leader.config.node_id for node in three_nodes)
+    for channel in events:
+        with pytest.raises(trio.WouldBlock):
+            event = channel.receive_nowait()
+            pytest.fail(f"an event while Trio was blocked: {event}")
+
+
+async def test_a_stalled_trio_thread_makes_the_node_unhealthy(three_nodes: list[Node]) -> None:
+    """Health checks, the assigner and hooks run on Trio's thread: stalled for longer than
+    `_TRIO_STALL_LIMIT`, the node reports itself unhealthy (a leader would hand over to a
+    healthy peer), and healthy again once Trio runs."""
+    leader = await wait_for_leader(three_nodes)
+    assert leader.view().healthy
+    time.sleep(node_module._TRIO_STALL_LIMIT + 1.5)  # noqa: ASYNC251 (the point: block Trio)
+    assert not any(node.view().healthy for node in three_nodes)
+    await trio.sleep(2 * node_module._TRIO_BEAT)
+    assert all(node.view().healthy for node in three_nodes)
+    # Whoever saw Trio again first was briefly the healthier one and may lead now.
+    assert (await wait_for_leader(three_nodes)).config.eligible
 
 
 async def test_resign_cancels_leadership_scope_and_hands_over(three_nodes: list[Node]) -> None:
