@@ -1,11 +1,11 @@
 """The Trio runtime around the election core: UDP sockets, and the calls into the core.
 
 The election loop runs on a thread of its own (`_loop_in_thread`, started through
-`trio.to_thread`) and reads every socket and keeps time: it sleeps in `epoll_wait` until the
-core's own `next_deadline` or until a socket the core calls urgent (`Election.wake_on`) is
-readable, then drains *every* socket and steps the core once with all it read. The urgent
-sockets, a timerfd armed for the deadline (`timerfd.py`) and an eventfd to poke it sit in
-an epoll set of our own. So an idle leader wakes once per heartbeat interval (its acks wait
+`trio.to_thread`) and reads every socket and keeps time: it sleeps in `epoll_wait`, with the
+core's own `next_deadline` as its timeout, until then or until a socket the core calls
+urgent (`Election.wake_on`) is readable, then drains *every* socket and steps the core once
+with all it read. The urgent sockets and an eventfd to poke it sit in an epoll set of our
+own. So an idle leader wakes once per heartbeat interval (its acks wait
 in their buffers for its next heartbeat) and a follower once per leader heartbeat, instead
 of once per datagram: a wake-up, not a datagram, is what an idle node's CPU goes on
 (0.4-0.7 ms of interpreter and kernel each, starting with cold caches, against a few
@@ -65,8 +65,7 @@ from sidecar.election import (
 from sidecar.messages import Heartbeat, Message
 from sidecar.peers import PeerTracker, Verdict
 from sidecar.protocol import MAX_PACKET_SIZE, Codec, Decoded, DropReason, MessageTooLarge, Refused
-from sidecar.timerfd import Deadline
-from sidecar.transport import ElectionSockets, receive
+from sidecar.transport import Datagram, ElectionSockets, receive
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +158,10 @@ class Node:
         #: Trio's clock, set by `run`; read from either thread (`_now`).
         self._clock: trio.abc.Clock | None = None
         self._token: trio.lowlevel.TrioToken | None = None
-        #: Events for Trio's thread to publish, in the core's order (under `_lock`).
-        self._pending: list[Event] = []
+        #: Events for Trio's thread to publish, in the core's order, each with its log
+        #: fields: its own term, and the role and leader when it was queued (the core may
+        #: have moved on by the time Trio's thread publishes it).
+        self._pending: list[tuple[Event, dict[str, object]]] = []
         #: Set (under `_lock`) once the core has resigned for good or the node is closing:
         #: the loop thread must not touch it again.
         self._finished = False
@@ -189,12 +190,13 @@ class Node:
         #: What the loop thread waits on, as one epoll set: the timer, armed for the
         #: core's `next_deadline`, the sockets the core calls urgent (`wake_on`), and an
         #: eventfd by which Trio's side wakes it (`_poke`).
-        self._timer = Deadline()
-        self._timer_due = math.inf  # the deadline it is armed for, on Trio's clock
+        self._wake_at = math.inf  # the core's next deadline, on Trio's clock
         self._poke_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._urgent = select.epoll()
-        self._urgent.register(self._timer, select.EPOLLIN)
         self._urgent.register(self._poke_fd, select.EPOLLIN)
+        #: Every election socket, polled without waiting to find the ones to read (`_drain`).
+        self._inbox = select.epoll()
+        self._inbox_sockets: dict[int, socket.socket] = {}
         self._urgent_fds: set[int] = set()
         self._urgent_for: frozenset[int] | None = None
         self._urgent_stale = True
@@ -333,6 +335,7 @@ class Node:
         }
         bind = self.config.bind
         self._sockets = sockets = ElectionSockets.open((bind.host, bind.port), addresses)
+        self._watch_inbox()
         self._clock = trio.lowlevel.current_clock()
         self._token = trio.lowlevel.current_trio_token()
         self._service_healthy = self._healthy_initially
@@ -371,7 +374,7 @@ class Node:
         finally:
             self._stop_loop()
             self._urgent.close()
-            self._timer.close()
+            self._inbox.close()
             os.close(self._poke_fd)
             sockets.close()
             if self._lead_scope is not None:
@@ -384,6 +387,7 @@ class Node:
         config = change.config
         assert self._sockets is not None
         _opened, closed = self._sockets.update(change.addresses)
+        self._watch_inbox()
         for sock in closed:
             if sock.fileno() in self._urgent_fds:
                 self._urgent.unregister(sock)
@@ -399,6 +403,16 @@ class Node:
         self.tracker.max_clock_skew = config.max_clock_skew
         self.config = config
         return self.election.reconfigure(config.members, config.memberships, now)
+
+    def _watch_inbox(self) -> None:
+        """Make `_inbox` hold exactly the sockets open now (after opening or a reload)."""
+        assert self._sockets is not None
+        now_open = {sock.fileno(): sock for sock in self._sockets.readable()}
+        for fd in self._inbox_sockets.keys() - now_open.keys():
+            self._inbox.unregister(fd)
+        for fd in now_open.keys() - self._inbox_sockets.keys():
+            self._inbox.register(fd, select.EPOLLIN)
+        self._inbox_sockets = now_open
 
     async def _resolve(self, address: Address) -> tuple[str, int]:
         infos = await trio.socket.getaddrinfo(address.host, address.port, type=socket.SOCK_DGRAM)
@@ -430,7 +444,7 @@ class Node:
                         return
                     self._wake_up()
                 try:
-                    ready = self._urgent.poll(-1, _MAX_EVENTS)
+                    ready = self._urgent.poll(self._wait_for(), _MAX_EVENTS)
                 except (ValueError, OSError):
                     if self._finished:
                         return  # closed under us while stopping
@@ -440,6 +454,14 @@ class Node:
                         os.eventfd_read(self._poke_fd)
         finally:
             self._loop_exited.set()
+
+    def _wait_for(self) -> float:
+        """Seconds `epoll_wait` may sleep: until the core's deadline (-1: until a packet or
+        a poke). Python rounds it up to whole milliseconds, so the loop never wakes early;
+        at worst a millisecond late, which every profile's timing allows for."""
+        if self._wake_at == math.inf:
+            return -1.0
+        return max(0.0, self._wake_at - self._now())
 
     async def _show_trio_alive(self) -> None:
         """Tell the loop thread, every `_TRIO_BEAT`, that Trio's thread still runs."""
@@ -520,40 +542,69 @@ class Node:
     def _drain(self, now: float, wall: float) -> tuple[list[Arrival], list[int]]:
         """Read up to a batch from every socket: what authenticates, oldest first, with its
         arrival on our clock (from the kernel's stamp, clamped to since the last drain),
-        and the peers that turned out to be new processes."""
+        and the peers that turned out to be new processes.
+
+        Which sockets hold datagrams comes from `_inbox` (every socket, polled without
+        waiting), not from reading each one until it fails: idle, each peer's socket holds
+        one datagram, so one poll, a read per peer and a poll that finds nothing replace a
+        failed read (and its exception) per socket. A socket still readable on the second
+        poll is busy (a flood, a burst) and is read until empty or its batch is spent."""
         assert self._sockets is not None
         since = self._drained_at
         self._drained_at = now
         arrivals: list[tuple[float, int, Message]] = []
         restarted: list[int] = []
-        for sock in self._sockets.readable():
-            for _ in range(_RECEIVE_BATCH):
-                try:
-                    datagram = receive(sock, MAX_PACKET_SIZE + 1)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError:
-                    continue  # e.g. ECONNREFUSED reported for an earlier send: not ours
-                if datagram.drops is not None:
-                    self._count_overflow(sock, datagram.drops)
-                source, stamp = datagram.source, datagram.arrived
-                result = self.codec.decode(datagram.data, now=now)
-                if isinstance(result, DropReason):
-                    if result is DropReason.BAD_MAC:
-                        self._bad_mac(self._sockets.peer_of(sock), source, now)
-                    continue
-                if isinstance(result, Refused):
-                    self._refused(result, now, source)
-                    continue
-                if self._admit(result, now, wall, source, restarted):
-                    if self._arrives_on.get(result.sender) is not sock:
-                        # A peer's packets moved socket (a NAT): wake for the new one.
-                        self._arrives_on[result.sender] = sock
-                        self._urgent_stale = True
-                    arrived = now if stamp is None else now - max(0.0, wall - stamp)
-                    arrivals.append((max(arrived, since), result.sender, result.msg))
+        budget = dict.fromkeys(self._inbox_sockets, _RECEIVE_BATCH)
+        reads = 1  # per socket in the first round; then up to its whole remaining batch
+        while True:
+            ready = [fd for fd, _ in self._inbox.poll(0, _MAX_EVENTS) if budget.get(fd)]
+            if not ready:
+                break
+            for fd in ready:
+                sock = self._inbox_sockets[fd]
+                for _ in range(min(reads, budget[fd])):
+                    budget[fd] -= 1
+                    try:
+                        datagram = receive(sock, MAX_PACKET_SIZE + 1)
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError:
+                        continue  # e.g. ECONNREFUSED reported for an earlier send: not ours
+                    self._take(sock, datagram, now, wall, since, arrivals, restarted)
+            reads = _RECEIVE_BATCH
         arrivals.sort(key=lambda arrival: arrival[0])
         return [(sender, msg, arrived) for arrived, sender, msg in arrivals], restarted
+
+    def _take(
+        self,
+        sock: socket.socket,
+        datagram: Datagram,
+        now: float,
+        wall: float,
+        since: float,
+        arrivals: list[tuple[float, int, Message]],
+        restarted: list[int],
+    ) -> None:
+        """Check one datagram; an accepted one joins `arrivals`, stamped for the core."""
+        assert self._sockets is not None
+        if datagram.drops is not None:
+            self._count_overflow(sock, datagram.drops)
+        source, stamp = datagram.source, datagram.arrived
+        result = self.codec.decode(datagram.data, now=now)
+        if isinstance(result, DropReason):
+            if result is DropReason.BAD_MAC:
+                self._bad_mac(self._sockets.peer_of(sock), source, now)
+            return
+        if isinstance(result, Refused):
+            self._refused(result, now, source)
+            return
+        if self._admit(result, now, wall, source, restarted):
+            if self._arrives_on.get(result.sender) is not sock:
+                # A peer's packets moved socket (a NAT): wake for the new one.
+                self._arrives_on[result.sender] = sock
+                self._urgent_stale = True
+            arrived = now if stamp is None else now - max(0.0, wall - stamp)
+            arrivals.append((max(arrived, since), result.sender, result.msg))
 
     def _count_overflow(self, sock: socket.socket, drops: int) -> None:
         """The kernel's drop count for `sock` moved: count the difference (it wraps)."""
@@ -563,17 +614,12 @@ class Node:
             self.codec.count_drop(DropReason.RECEIVE_BUFFER_FULL, (drops - seen) & 0xFFFFFFFF)
 
     def _rearm(self, now: float) -> None:
-        """Point `_loop` at the core's next deadline and at the sockets it calls urgent.
+        """Point the loop at the core's next deadline and at the sockets it calls urgent.
 
-        The timer is set when the deadline moved, or when it has fired (setting it clears
-        the expiry, which would otherwise keep the epoll set readable). The epoll set is
-        changed only when the urgent peers, or the socket one of them arrives on, changed."""
+        The epoll set is changed only when the urgent peers, or the socket one of them
+        arrives on, changed."""
         election = self.election
-        deadline = election.next_deadline(now)
-        monotonic = time.monotonic()
-        if deadline != self._timer_due or monotonic >= self._timer.when:
-            self._timer_due = deadline
-            self._timer.set(monotonic + (deadline - now))
+        self._wake_at = election.next_deadline(now)
         urgent = election.wake_on(now)
         if urgent == self._urgent_for and not self._urgent_stale:
             return
@@ -687,12 +733,14 @@ class Node:
             self.counters.elections += started
             log.info(
                 "standing for election",
-                extra=self._fields(now, event="candidate", rounds=started),
+                extra={**self._state_at(now), "event": "candidate", "rounds": started},
             )
 
     def _apply(self, ready: Ready) -> None:
         """Send what the core returned, and queue its events for `_publish_pending`."""
-        self._pending += ready.events
+        self._pending += [
+            (event, {**self._state_at(event.at), "term": event.term}) for event in ready.events
+        ]
         assert self._sockets is not None
         wall = time.time()
         now = self._now()
@@ -719,37 +767,36 @@ class Node:
 
     # ------------------------------------------------------------------ events
 
-    def _fields(self, now: float, **extra: object) -> dict[str, object]:
-        with self._lock:
-            election = self.election
-            return {
-                "term": election.term,
-                "role": str(election.role_at(now)),
-                "leader": election.leader_at(now),
-                **extra,
-            }
+    def _state_at(self, at: float) -> dict[str, object]:
+        """The log fields of the core's state at `at` (with `_lock` held)."""
+        election = self.election
+        return {
+            "term": election.term,
+            "role": str(election.role_at(at)),
+            "leader": election.leader_at(at),
+        }
 
     def _publish_pending(self) -> None:
         """On Trio's thread: publish what the core returned, in its order, outside the
         lock (a listener may read the node, and a slow one must not hold up the loop)."""
         with self._lock:
             pending, self._pending = self._pending, []
-        for event in pending:
-            self._publish(event)
+        for event, state in pending:
+            self._publish(event, state)
 
-    def _publish(self, event: Event) -> None:
+    def _publish(self, event: Event, state: dict[str, object]) -> None:
         match event:
             case GainedLeadership():
                 self.counters.leadership_gained += 1
                 self._lead_scope = trio.CancelScope()
                 log.info(
                     "gained leadership",
-                    extra=self._fields(
-                        event.at,
-                        event="gained",
-                        at_mono=self.to_monotonic(event.at),
-                        lease_until_mono=self.to_monotonic(event.lease_until),
-                    ),
+                    extra={
+                        **state,
+                        "event": "gained",
+                        "at_mono": self.to_monotonic(event.at),
+                        "lease_until_mono": self.to_monotonic(event.lease_until),
+                    },
                 )
             case LostLeadership():
                 if self._lead_scope is not None:
@@ -757,24 +804,24 @@ class Node:
                     self._lead_scope = None
                 log.warning(
                     "lost leadership",
-                    extra=self._fields(
-                        event.at,
-                        event="lost",
-                        reason=event.reason,
-                        at_mono=self.to_monotonic(event.at),
-                        lease_ended_mono=self.to_monotonic(event.lease_ended_at),
-                    ),
+                    extra={
+                        **state,
+                        "event": "lost",
+                        "reason": event.reason,
+                        "at_mono": self.to_monotonic(event.at),
+                        "lease_ended_mono": self.to_monotonic(event.lease_ended_at),
+                    },
                 )
             case LeaderChanged():
                 self.counters.leader_changes += 1
                 log.info(
                     "leader changed",
-                    extra=self._fields(
-                        event.at,
-                        event="leader_changed",
-                        previous=event.previous,
-                        current=event.current,
-                    ),
+                    extra={
+                        **state,
+                        "event": "leader_changed",
+                        "previous": event.previous,
+                        "current": event.current,
+                    },
                 )
         if isinstance(event, GainedLeadership | LostLeadership):
             self._leadership_changed.set()

@@ -3,6 +3,7 @@ and the status port's HTTP server (`sidecar/httpserver.py`) against clients good
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -114,6 +115,26 @@ async def test_the_election_runs_while_trios_thread_is_blocked(three_nodes: list
         with pytest.raises(trio.WouldBlock):
             event = channel.receive_nowait()
             pytest.fail(f"an event while Trio was blocked: {event}")
+
+
+async def test_an_event_logged_late_says_the_term_it_happened_in(
+    three_nodes: list[Node], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Events are published on Trio's thread, after the loop thread queued them; by then
+    the core may have moved on (here: to a higher term while Trio's thread was blocked).
+    The log line must still say the event's own term, as the hooks' `FIP_TERM` does, or
+    operators would read two terms for one loss."""
+    leader = await wait_for_leader(three_nodes)
+    term = leader.view().term
+    with leader._lock:  # resign the way a loop wake-up would: the event is only queued
+        leader._apply(leader.election.resign(leader._now(), "test"))
+    caplog.set_level(logging.INFO, logger="sidecar.node")
+    time.sleep(1.5)  # noqa: ASYNC251 (Trio blocked: another node wins a newer term meanwhile)
+    assert leader.election.term > term
+    await trio.sleep(0.3)  # the loop thread has handed the queued events to Trio's thread
+    lost = next(r for r in caplog.records if r.__dict__.get("event") == "lost")
+    assert lost.__dict__["term"] == term
+    assert lost.__dict__["role"] != "leader"  # it may already stand again: a candidate
 
 
 async def test_a_stalled_trio_thread_makes_the_node_unhealthy(three_nodes: list[Node]) -> None:
