@@ -216,20 +216,6 @@ class Metrics:
                 buckets=_ASSIGN_BUCKETS,
             )
         )
-        self.health_checks = self.registry.register(
-            Counter(
-                "fip_health_checks",
-                "Health checks of the local service by result",
-                ["result"],
-            )
-        )
-        self.hook_runs = self.registry.register(
-            Counter(
-                "fip_hook_runs",
-                "Notify hook runs by event and outcome",
-                ["event", "outcome"],
-            )
-        )
 
     def watch(self, source: NodeSource) -> None:
         self.registry.register(_NodeCollector(source))

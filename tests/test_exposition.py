@@ -355,3 +355,49 @@ def test_observers_on_other_threads_never_tear_a_render() -> None:
     final = {f.name: f for f in text_string_to_metric_families(renders[-1])}
     assert sum(by_labels(final["rtt"], "rtt_count").values()) == threads_n * per_thread
     assert sum(by_labels(final["hits"], "hits_total").values()) == threads_n * per_thread
+
+
+def test_a_nodes_metrics_name_each_family_once() -> None:
+    """Every family of a node with every watcher, rendered once each: two HELP/TYPE blocks
+    for one name (once an empty Counter beside its collector) fail strict parsers such as
+    Go's expfmt and `promtool check metrics`."""
+    from types import SimpleNamespace as NS
+
+    from sidecar.election import Role
+    from sidecar.metrics import Metrics
+
+    class Source:
+        def view(self) -> Any:
+            peer = NS(id=2, alive=True, rtt=0.001)
+            return NS(role=Role.LEADER, term=3, leader_id=1, healthy=True, peers=[peer])
+
+        def drop_counts(self) -> dict[str, int]:
+            return {"bad_mac": 2}
+
+        def counter_values(self) -> dict[str, int]:
+            return {"packets_received": 7}
+
+        def peer_reports(self) -> dict[int, dict[str, object]]:
+            return {2: {"clock_offset": 0.5, "refusing": "stale", "duplicates": []}}
+
+    metrics = Metrics()
+    metrics.watch(Source())
+    metrics.watch_health(NS(state=NS(checks_total=5, failures_total=1, transitions=2)))
+    metrics.watch_hooks(NS(counts=lambda: {("gained", "ok"): 3}))
+    address = NS(reserved_ip="203.0.113.5", family="ipv4", leading=True, holder_droplet_id=1,
+                 droplet_id=1, consecutive_failures=0)  # fmt: skip
+    metrics.watch_addresses(lambda: [address])
+    metrics.rtt.labels("2").observe(0.001)
+    metrics.for_address("203.0.113.5").api_request("assign", "200")
+    metrics.for_address("203.0.113.5").assignment_finished(1.5, "ok")
+    text = metrics.registry.render().decode()
+    helps = [line.split()[2] for line in text.splitlines() if line.startswith("# HELP ")]
+    assert sorted(helps) == sorted(set(helps)), [h for h in helps if helps.count(h) > 1]
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert by_labels(families["fip_health_checks"], "fip_health_checks_total") == {
+        (("result", "pass"),): 4,
+        (("result", "fail"),): 1,
+    }
+    assert by_labels(families["fip_hook_runs"], "fip_hook_runs_total") == {
+        (("event", "gained"), ("outcome", "ok")): 3
+    }
