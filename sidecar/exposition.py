@@ -178,8 +178,9 @@ class _HistogramChild:
         self._sum = 0.0
 
     def observe(self, value: float) -> None:
-        # The first bound >= value. NaN compares false with every bound: it goes to +Inf (as
-        # Go's client does), so +Inf still equals the count (prometheus_client drops it).
+        # The first bound >= value. NaN compares false with every bound: it goes to +Inf, as
+        # Go's client does, so +Inf still equals the count (prometheus_client counts NaN in
+        # no bucket and no count, only in the sum).
         index = len(self._bounds) - 1 if math.isnan(value) else bisect_left(self._bounds, value)
         with self._lock:
             self._counts[index] += 1
