@@ -10,11 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
-
 from sidecar.election import Role, View
+from sidecar.exposition import Counter, Histogram, MetricFamily, Registry, counter, gauge
 from sidecar.health import HealthChecker
 from sidecar.hooks import HookRunner
 from sidecar.protocol import DropReason
@@ -35,62 +32,58 @@ class NodeSource(Protocol):
     def peer_reports(self) -> Mapping[int, Mapping[str, object]]: ...
 
 
-class _NodeCollector(Collector):
+class _NodeCollector:
     def __init__(self, source: NodeSource) -> None:
         self._source = source
 
-    def collect(self) -> Iterator[Metric]:
+    def collect(self) -> Iterator[MetricFamily]:
         view = self._source.view()
-        yield GaugeMetricFamily(
+        yield gauge(
             "fip_is_leader",
             "1 while this node holds a valid leader lease",
             value=1 if view.role is Role.LEADER else 0,
         )
-        yield GaugeMetricFamily("fip_term", "Current election term", value=view.term)
-        yield GaugeMetricFamily(
+        yield gauge("fip_term", "Current election term", value=view.term)
+        yield gauge(
             "fip_leader_known",
             "1 when this node knows a live leader (itself included)",
             value=0 if view.leader_id is None else 1,
         )
-        yield GaugeMetricFamily(
+        yield gauge(
             "fip_healthy", "1 while the local service passes its check", value=int(view.healthy)
         )
-        alive = GaugeMetricFamily(
-            "fip_peer_alive", "1 while the peer is heard from", labels=["peer"]
-        )
-        rtt = GaugeMetricFamily(
-            "fip_peer_rtt_seconds", "Latest heartbeat round trip", labels=["peer"]
-        )
+        alive = gauge("fip_peer_alive", "1 while the peer is heard from", labels=["peer"])
+        rtt = gauge("fip_peer_rtt_seconds", "Latest heartbeat round trip", labels=["peer"])
         for peer in view.peers:
-            alive.add_metric([str(peer.id)], 1 if peer.alive else 0)
+            alive.add([str(peer.id)], 1 if peer.alive else 0)
             if peer.rtt is not None:
-                rtt.add_metric([str(peer.id)], peer.rtt)
+                rtt.add([str(peer.id)], peer.rtt)
         yield alive
         yield rtt
         yield from self._peer_problems()
-        drops = CounterMetricFamily(
+        drops = counter(
             "fip_packets_dropped", "Packets dropped on receipt, by reason", labels=["reason"]
         )
         drops_by_reason = self._source.drop_counts()
         for reason in DropReason:
-            drops.add_metric([str(reason)], drops_by_reason.get(reason, 0))
+            drops.add([str(reason)], drops_by_reason.get(reason, 0))
         yield drops
         counters = self._source.counter_values()
         for name, help_text in _COUNTERS.items():
-            yield CounterMetricFamily(f"fip_{name}", help_text, value=counters.get(name, 0))
+            yield counter(f"fip_{name}", help_text, value=counters.get(name, 0))
 
-    def _peer_problems(self) -> Iterator[Metric]:
-        offset = GaugeMetricFamily(
+    def _peer_problems(self) -> Iterator[MetricFamily]:
+        offset = gauge(
             "fip_peer_clock_offset_seconds",
             "The peer's wall clock minus ours (informational: the election ignores it)",
             labels=["peer"],
         )
-        refused = GaugeMetricFamily(
+        refused = gauge(
             "fip_peer_refused",
             "1 while the peer's packets are refused, by kind (wrong_key, config_mismatch, stale)",
             labels=["peer", "kind"],
         )
-        duplicates = GaugeMetricFamily(
+        duplicates = gauge(
             "fip_peer_duplicate_processes",
             "Second processes heard recently that use the peer's node id",
             labels=["peer"],
@@ -99,63 +92,63 @@ class _NodeCollector(Collector):
             label = str(peer_id)
             value = report.get("clock_offset")
             if isinstance(value, float | int):
-                offset.add_metric([label], float(value))
+                offset.add([label], float(value))
             reason = report.get("refusing")
             for kind in ("wrong_key", "config_mismatch", "stale"):
                 hit = isinstance(reason, str) and reason.startswith(kind)
-                refused.add_metric([label, kind], 1 if hit else 0)
+                refused.add([label, kind], 1 if hit else 0)
             found = report.get("duplicates")
-            duplicates.add_metric([label], len(found) if isinstance(found, list) else 0)
+            duplicates.add([label], len(found) if isinstance(found, list) else 0)
         yield offset
         yield refused
         yield duplicates
 
 
-class _HealthCollector(Collector):
+class _HealthCollector:
     def __init__(self, checker: HealthChecker) -> None:
         self._checker = checker
 
-    def collect(self) -> Iterator[Metric]:
+    def collect(self) -> Iterator[MetricFamily]:
         state = self._checker.state
-        checks = CounterMetricFamily(
+        checks = counter(
             "fip_health_checks", "Health checks of the local service by result", labels=["result"]
         )
-        checks.add_metric(["pass"], state.checks_total - state.failures_total)
-        checks.add_metric(["fail"], state.failures_total)
+        checks.add(["pass"], state.checks_total - state.failures_total)
+        checks.add(["fail"], state.failures_total)
         yield checks
-        yield CounterMetricFamily(
+        yield counter(
             "fip_health_transitions",
             "Healthy/unhealthy changes after hysteresis",
             value=state.transitions,
         )
 
 
-class _HookCollector(Collector):
+class _HookCollector:
     def __init__(self, hooks: HookRunner) -> None:
         self._hooks = hooks
 
-    def collect(self) -> Iterator[Metric]:
-        runs = CounterMetricFamily(
+    def collect(self) -> Iterator[MetricFamily]:
+        runs = counter(
             "fip_hook_runs", "Notify hook runs by event and outcome", labels=["event", "outcome"]
         )
         for (event, outcome), count in sorted(self._hooks.counts().items()):
-            runs.add_metric([event, outcome], count)
+            runs.add([event, outcome], count)
         yield runs
 
 
-class _AddressCollector(Collector):
+class _AddressCollector:
     """Per address, read from its assigner at scrape time: is it here, and who holds it."""
 
     def __init__(self, snapshots: Callable[[], Sequence[AssignerSnapshot]]) -> None:
         self._snapshots = snapshots
 
-    def collect(self) -> Iterator[Metric]:
-        here = GaugeMetricFamily(
+    def collect(self) -> Iterator[MetricFamily]:
+        here = gauge(
             "fip_address_here",
             "1 while this node leads and the address was last read pointing at its droplet",
             labels=["address", "family"],
         )
-        failures = GaugeMetricFamily(
+        failures = gauge(
             "fip_address_consecutive_failures",
             "API failures in a row for the address (0 once a request succeeds)",
             labels=["address", "family"],
@@ -163,8 +156,8 @@ class _AddressCollector(Collector):
         for snap in self._snapshots():
             labels = [snap.reserved_ip, snap.family]
             held = snap.leading and snap.holder_droplet_id == snap.droplet_id
-            here.add_metric(labels, 1 if held else 0)
-            failures.add_metric(labels, snap.consecutive_failures)
+            here.add(labels, 1 if held else 0)
+            failures.add(labels, snap.consecutive_failures)
         yield here
         yield failures
 
@@ -199,38 +192,29 @@ class Metrics:
     """The node's registry, plus the observations other modules report into."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.rtt = Histogram(
-            "fip_heartbeat_rtt_seconds",
-            "Heartbeat round-trip time",
-            ["peer"],
-            buckets=_RTT_BUCKETS,
-            registry=self.registry,
+        self.registry = Registry()
+        self.rtt = self.registry.register(
+            Histogram(
+                "fip_heartbeat_rtt_seconds",
+                "Heartbeat round-trip time",
+                ["peer"],
+                buckets=_RTT_BUCKETS,
+            )
         )
-        self.api_requests = Counter(
-            "fip_api_requests",
-            "DigitalOcean API requests by endpoint, status code and address",
-            ["endpoint", "code", "address"],
-            registry=self.registry,
+        self.api_requests = self.registry.register(
+            Counter(
+                "fip_api_requests",
+                "DigitalOcean API requests by endpoint, status code and address",
+                ["endpoint", "code", "address"],
+            )
         )
-        self.assignment_duration = Histogram(
-            "fip_assignment_duration_seconds",
-            "From the assign request to the action's end, by outcome and address",
-            ["outcome", "address"],
-            buckets=_ASSIGN_BUCKETS,
-            registry=self.registry,
-        )
-        self.health_checks = Counter(
-            "fip_health_checks",
-            "Health checks of the local service by result",
-            ["result"],
-            registry=self.registry,
-        )
-        self.hook_runs = Counter(
-            "fip_hook_runs",
-            "Notify hook runs by event and outcome",
-            ["event", "outcome"],
-            registry=self.registry,
+        self.assignment_duration = self.registry.register(
+            Histogram(
+                "fip_assignment_duration_seconds",
+                "From the assign request to the action's end, by outcome and address",
+                ["outcome", "address"],
+                buckets=_ASSIGN_BUCKETS,
+            )
         )
 
     def watch(self, source: NodeSource) -> None:

@@ -15,10 +15,10 @@ from collections.abc import Callable
 from typing import Any
 
 import trio
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sidecar.config import Address
 from sidecar.election import View
+from sidecar.exposition import CONTENT_TYPE
 from sidecar.httpserver import HTTPServer, Response, Route
 from sidecar.metrics import Metrics
 from sidecar.node import Node
@@ -109,9 +109,7 @@ class StatusApp:
             "/status": lambda: Response(
                 json.dumps(self.status(), indent=2).encode() + b"\n", "application/json"
             ),
-            "/metrics": lambda: Response(
-                generate_latest(self._metrics.registry), CONTENT_TYPE_LATEST
-            ),
+            "/metrics": lambda: Response(self._metrics.registry.render(), CONTENT_TYPE),
         }
 
 

@@ -20,10 +20,12 @@ import pytest
 
 from sidecar.localcluster import LocalCluster
 
-#: Packages only the emulator (the `emulator` extra) or the demo/CLI helpers need. Not h2:
+#: Packages only the emulator (the `emulator` extra), the demo/CLI helpers or the tests need
+#: (prometheus_client only checks sidecar/exposition.py's output; ~1.4 MiB a node). Not h2:
 #: httpcore imports it whenever it is installed (this venv has it, through hypercorn), and
 #: the production image, which has no h2 at all, is checked by tests/test_image.py.
 FORBIDDEN = (
+    "prometheus_client",
     "hypercorn",
     "starlette",
     "wsproto",
@@ -34,7 +36,15 @@ FORBIDDEN = (
     "sidecar.status_cli",
 )
 #: What a node does load: the parse below must be finding real import lines.
-EXPECTED = ("trio", "h11", "httpx", "sidecar.node", "sidecar.status", "sidecar.service")
+EXPECTED = (
+    "trio",
+    "h11",
+    "httpx",
+    "sidecar.node",
+    "sidecar.exposition",
+    "sidecar.status",
+    "sidecar.service",
+)
 
 _IMPORT_LINE = re.compile(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)\s*$")
 
