@@ -11,28 +11,27 @@ Nothing a probe does can raise out of `HealthChecker.run()`: every exception bec
 failed check with a short reason ("status 503", "timeout", "connection refused",
 "exit 1: ...") that `/status` and the logs show.
 
-Command checks run through `processes.py`, shared with the notify hooks.
+HTTP checks run through `httpprobe.py` (h11 over one kept-alive connection), command
+checks through `processes.py`, shared with the notify hooks.
 """
 
 from __future__ import annotations
 
 import errno
-import http.cookiejar
 import logging
 import os
 import random
 import shlex
-import ssl
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
 
-import httpx
 import msgspec
 import trio
 
+from sidecar.httpprobe import HTTPProbe, ProbeError
 from sidecar.processes import run_process_group, sanitized_environment, summarize_output
 
 logger = logging.getLogger(__name__)
@@ -216,8 +215,8 @@ class HealthChecker:
     the caller and propagate.
 
     `check_once()` runs a single probe and feeds the hysteresis; `run()` is just that on a
-    schedule. The HTTP client is reused across checks (keep-alive keeps a check cheap) and
-    closed when `run()` ends or by `aclose()`.
+    schedule. The HTTP connection is reused across checks (keep-alive keeps a check cheap)
+    and closed when `run()` ends or by `aclose()`.
     """
 
     def __init__(self, settings: HealthSettings, *, rng: random.Random | None = None) -> None:
@@ -235,8 +234,7 @@ class HealthChecker:
         self._last_duration: float | None = None
         self._checks_total = 0
         self._failures_total = 0
-        self._client: httpx.AsyncClient | None = None
-        self._client_tls = False  # whether `_client` was built able to verify https
+        self._http: HTTPProbe | None = None
 
     @property
     def healthy(self) -> bool:
@@ -323,9 +321,9 @@ class HealthChecker:
         return False
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            client, self._client = self._client, None
-            await client.aclose()
+        if self._http is not None:
+            probe, self._http = self._http, None
+            await probe.aclose()
 
     async def __aenter__(self) -> HealthChecker:
         return self
@@ -375,52 +373,19 @@ class HealthChecker:
     async def _probe_unbounded(self) -> CheckResult:
         s = self.settings
         if s.http is not None:
-            tls = urlsplit(s.http).scheme == "https"
-            if self._client is None or self._client_tls != tls:  # first, or a reload
+            # A probe (and its connection) belongs to one URL: after a reload to another
+            # one, nothing may reach the old host, port or scheme.
+            if self._http is None or self._http.url != s.http:
                 await self.aclose()
-                self._client, self._client_tls = _new_http_client(tls=tls), tls
-            return await _probe_http(self._client, s.http, s.http_expect_status)
+                self._http = HTTPProbe(s.http, body_limit=HTTP_BODY_LIMIT)
+            status = await self._http.get()
+            low, high = s.http_expect_status
+            return CheckResult(low <= status <= high, f"status {status}")
         if s.tcp is not None:
             return await _probe_tcp(s.tcp)
         if s.command is not None:
             return await _probe_command(s.command, time_limit=s.check_timeout)
         return CheckResult(True, "no check configured")
-
-
-def _new_http_client(*, tls: bool) -> httpx.AsyncClient:
-    """One client for the checker's lifetime, that sends nothing but a plain GET.
-
-    Without `tls` (an http URL: no redirect is ever followed, so it never meets https) the
-    client's TLS context trusts no CA at all instead of loading the system's bundle, which
-    would cost every node ~1.2 MiB of RSS (measured) for nothing; https fails closed.
-
-    No redirects (a login redirect is not "healthy" unless 3xx is in the expected range);
-    `trust_env=False` so a proxy set in the environment never sees (or breaks) a local
-    check; no auth; a cookie jar that refuses every cookie so nothing the service sets is
-    ever sent back.
-    Timeouts come from the checker's trio cancel scope, so httpx's own are off.
-    """
-    refuse_all = http.cookiejar.DefaultCookiePolicy(allowed_domains=[])
-    return httpx.AsyncClient(
-        follow_redirects=False,
-        trust_env=False,
-        timeout=None,
-        cookies=http.cookiejar.CookieJar(policy=refuse_all),
-        headers={"User-Agent": "fip-sidecar-health"},
-        verify=True if tls else ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT),
-    )
-
-
-async def _probe_http(client: httpx.AsyncClient, url: str, expect: tuple[int, int]) -> CheckResult:
-    async with client.stream("GET", url) as response:
-        received = 0
-        async for chunk in response.aiter_raw():
-            received += len(chunk)
-            if received >= HTTP_BODY_LIMIT:
-                break
-    status = response.status_code
-    low, high = expect
-    return CheckResult(low <= status <= high, f"status {status}")
 
 
 async def _probe_tcp(target: str) -> CheckResult:
@@ -452,24 +417,27 @@ async def _probe_command(argv: Sequence[str], *, time_limit: float) -> CheckResu
 def describe_failure(exc: BaseException) -> str:
     """A short, stable reason for a failed probe, from anywhere in the exception chain.
 
-    trio and httpx wrap the interesting OSError several layers deep (an ExceptionGroup
-    of connection attempts inside httpcore's ConnectError inside httpx's), so this looks
-    through causes, contexts, groups and exception arguments before falling back to the
-    outermost exception's text.
+    trio wraps the interesting OSError several layers deep (an ExceptionGroup of
+    connection attempts inside an OSError; an SSL error inside a BrokenResourceError), so
+    this looks through causes, contexts, groups and exception arguments before falling
+    back to the outermost exception's text.
     """
     chain = list(_exception_chain(exc))
     for item in chain:
         if isinstance(item, ConnectionRefusedError):
             return "connection refused"
     for item in chain:
-        if isinstance(item, TimeoutError | httpx.TimeoutException):
+        if isinstance(item, TimeoutError):
             return "timeout"
     for item in chain:
         if isinstance(item, OSError) and item.errno is not None:
             text = item.strerror or errno.errorcode.get(item.errno, str(item.errno))
-            return text.lower()
+            return _truncate(text.lower())
     for item in chain:
-        if isinstance(item, httpx.HTTPError | OSError) and str(item):
+        if isinstance(item, ProbeError):  # its text is the reason: "bad response: ..."
+            return _truncate(str(item))
+    for item in chain:
+        if isinstance(item, OSError) and str(item):
             return _truncate(f"{type(item).__name__}: {item}")
     return _truncate(f"{type(exc).__name__}: {exc}")
 
