@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +31,7 @@ from sidecar.health import (
     Hysteresis,
     describe_failure,
 )
+from sidecar.httpprobe import ProbeError
 from sidecar.processes import sanitized_environment
 
 pytestmark = pytest.mark.timeout(60)
@@ -47,6 +49,7 @@ class ServiceState:
         self.hang = threading.Event()  # while set, /healthz stalls (bounded) before answering
         self.release = threading.Event()
         self.hits: dict[str, int] = {}
+        self.connections = 0  # accepted
         self.request_headers: list[dict[str, str]] = []
         self.lock = threading.Lock()
 
@@ -86,6 +89,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
 class ServiceServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     state: ServiceState
+
+    def verify_request(self, request: object, client_address: object) -> bool:
+        with self.state.lock:
+            self.state.connections += 1
+        return True
 
 
 @pytest.fixture
@@ -301,6 +309,20 @@ async def test_http_sends_no_cookies_or_credentials_and_ignores_proxy_env(
         assert "cookie" not in headers and "authorization" not in headers
 
 
+async def test_http_server_closing_after_each_answer_costs_a_connection_per_check(
+    service: tuple[str, ServiceState],
+) -> None:
+    """`http.server` answers HTTP/1.0-style and closes: every check reconnects, none fails."""
+    url, state = service
+    async with HealthChecker(http_settings(url + "/healthz?probe=1")) as checker:
+        reasons = [(await checker.check_once()).reason for _ in range(4)]
+    assert reasons == ["status 200"] * 4
+    assert state.connections == 4 and state.hits == {"/healthz?probe=1": 4}
+    host = url.removeprefix("http://")
+    for headers in state.request_headers:
+        assert headers["host"] == host and headers["user-agent"] == "fip-sidecar-health"
+
+
 # --- TCP ------------------------------------------------------------------------------------
 
 
@@ -483,3 +505,17 @@ def test_describe_failure_finds_the_buried_cause() -> None:
     outer.__cause__ = group
     assert describe_failure(RuntimeError(outer)) == "connection refused"
     assert describe_failure(ValueError("x" * 500)).endswith("...")
+
+
+def test_describe_failure_names_tls_and_bad_responses() -> None:
+    verify = ssl.SSLCertVerificationError(
+        1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: self-signed certificate"
+    )
+    broken = trio.BrokenResourceError()
+    broken.__cause__ = verify
+    reason = describe_failure(ExceptionGroup("nursery", [ExceptionGroup("inner", [broken])]))
+    assert "certificate verify failed" in reason
+    bad = ProbeError("bad response: " + "x" * 500)
+    bad.__cause__ = ValueError("h11's own words")
+    reason = describe_failure(bad)
+    assert reason.startswith("bad response: x") and len(reason) == 120
