@@ -58,9 +58,9 @@ class HTTPProbe:
 
     `get()` returns the status code of one exchange or raises (OSError and
     `trio.BrokenResourceError` for network failures, `ProbeError` for an unusable
-    answer). `ssl_context` overrides the default verification (tests trust their own CA);
-    by default an https URL is verified against the system's CAs, with SNI and ALPN
-    "http/1.1", and an http URL builds no TLS context at all, so it never loads the CA
+    answer). An https URL is verified against the system's CAs, with SNI and ALPN
+    "http/1.1"; `ssl_context` replaces that context (tests trust their own CA; ALPN is
+    set on it too). An http URL builds no TLS context at all, so it never loads the CA
     bundle (~1.2 MiB of RSS, measured).
     """
 
@@ -92,7 +92,6 @@ class HTTPProbe:
             self._tls = ssl_context or ssl.create_default_context()
             self._tls.set_alpn_protocols(["http/1.1"])
         self._conn: _Connection | None = None
-        self.connections_opened = 0
 
     async def get(self) -> int:
         """One GET; the status code of its final response."""
@@ -125,7 +124,6 @@ class HTTPProbe:
 
     async def _connect(self) -> _Connection:
         tcp = await trio.open_tcp_stream(self.host, self.port)
-        self.connections_opened += 1
         stream: trio.abc.Stream = tcp
         if self._tls is not None:
             # https_compatible: servers commonly close without a TLS close_notify.
@@ -162,6 +160,8 @@ class HTTPProbe:
                 if eof:  # h11's words for this are about its own states
                     what = "before a complete response" if received else "without a response"
                     raise ProbeError(f"connection closed {what}") from exc
+                if exc.error_status_hint == 431:  # h11 says "Receive buffer too long"
+                    raise ProbeError(f"bad response: head over {MAX_HEAD_BYTES} bytes") from exc
                 raise ProbeError(f"bad response: {exc}") from exc
             if event is h11.NEED_DATA:
                 try:
@@ -192,7 +192,10 @@ class HTTPProbe:
                     # after the response that no request asked for
                     await self._drop()
                 return status
-            # else: an InformationalResponse (1xx) before the final one: read on
+            elif not isinstance(event, h11.InformationalResponse):  # a 1xx: read on
+                # Nothing else can come before EndOfMessage (h11 refuses a 101 we did not
+                # ask for); should it, fail rather than loop without awaiting anything.
+                raise ProbeError(f"bad response: unexpected {event!r}")
 
     async def _drop(self) -> None:
         if self._conn is not None:
