@@ -205,6 +205,8 @@ class HTTPProbe:
 
 
 def _readable(tcp: trio.SocketStream) -> bool:
-    """Whether the socket has anything to read (data or EOF) without waiting."""
-    ready, _, _ = select.select([tcp.socket.fileno()], [], [], 0)
-    return bool(ready)
+    """Whether the socket has anything to read (data or EOF) without waiting. (`poll`,
+    not `select`: a descriptor numbered past FD_SETSIZE must not break the check.)"""
+    poller = select.poll()
+    poller.register(tcp.socket.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
