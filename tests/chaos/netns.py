@@ -34,6 +34,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -545,10 +546,35 @@ class Lab:
 
 @contextlib.contextmanager
 def lab(workdir: Path, tag: str = "") -> Iterator[Lab]:
-    """A Lab that is torn down however the block ends."""
+    """A Lab that is torn down however the block ends, SIGTERM included (`_sigterm_unwinds`)."""
     remove_stale_labs()
-    the_lab = Lab(workdir, tag)
+    with _sigterm_unwinds():
+        the_lab = Lab(workdir, tag)
+        try:
+            yield the_lab
+        finally:
+            the_lab.close()
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While the block runs, SIGTERM raises SystemExit(143) instead of ending the process.
+
+    Its default action runs no `finally`, so a benchmark stopped by `timeout` or `kill` left
+    its namespaces and every process in them running. Only where nobody handles SIGTERM
+    already, and only on the main thread (the only one that may set handlers)."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+
+    def unwind(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, unwind)
     try:
-        yield the_lab
+        yield
     finally:
-        the_lab.close()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
