@@ -733,14 +733,16 @@ class Node:
             self.counters.elections += started
             log.info(
                 "standing for election",
-                extra={**self._state_at(now), "event": "candidate", "rounds": started},
+                extra={
+                    **self._log_fields(self.election.term, now),
+                    "event": "candidate",
+                    "rounds": started,
+                },
             )
 
     def _apply(self, ready: Ready) -> None:
         """Send what the core returned, and queue its events for `_publish_pending`."""
-        self._pending += [
-            (event, {**self._state_at(event.at), "term": event.term}) for event in ready.events
-        ]
+        self._pending += [(event, self._log_fields(event.term, event.at)) for event in ready.events]
         assert self._sockets is not None
         wall = time.time()
         now = self._now()
@@ -767,14 +769,10 @@ class Node:
 
     # ------------------------------------------------------------------ events
 
-    def _state_at(self, at: float) -> dict[str, object]:
-        """The log fields of the core's state at `at` (with `_lock` held)."""
+    def _log_fields(self, term: int, at: float) -> dict[str, object]:
+        """`term`, and the role and leader the core gives for `at` (with `_lock` held)."""
         election = self.election
-        return {
-            "term": election.term,
-            "role": str(election.role_at(at)),
-            "leader": election.leader_at(at),
-        }
+        return {"term": term, "role": str(election.role_at(at)), "leader": election.leader_at(at)}
 
     def _publish_pending(self) -> None:
         """On Trio's thread: publish what the core returned, in its order, outside the
