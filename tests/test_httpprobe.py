@@ -55,6 +55,10 @@ class Conn:
             self.server.requests.append(head)
         return head
 
+    def answer(self, response: bytes) -> bool:
+        """Read one request and send `response` to it; False when none came (EOF)."""
+        return self.read_request() is not None and self.send(response)
+
     def send(self, data: bytes) -> bool:
         try:
             self.sock.sendall(data)
@@ -188,8 +192,7 @@ async def test_keep_alive_reuses_one_connection(serve: Callable[..., RawServer])
 
 async def test_connection_close_reconnects_every_check(serve: Callable[..., RawServer]) -> None:
     def close_after_each(conn: Conn) -> None:
-        if conn.read_request() is not None:
-            conn.send(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 3\r\n\r\nok\n")
+        conn.answer(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 3\r\n\r\nok\n")
 
     server = serve(close_after_each)
     assert await checks(server.url + "/", 4) == ["status 200"] * 4
@@ -198,8 +201,7 @@ async def test_connection_close_reconnects_every_check(serve: Callable[..., RawS
 
 async def test_http10_body_until_eof_then_reconnect(serve: Callable[..., RawServer]) -> None:
     def http10(conn: Conn) -> None:
-        if conn.read_request() is not None:
-            conn.send(b"HTTP/1.0 204 No Content\r\n\r\n")
+        conn.answer(b"HTTP/1.0 204 No Content\r\n\r\n")
 
     server = serve(http10)
     assert await checks(server.url + "/", 3) == ["status 204"] * 3
@@ -212,8 +214,7 @@ async def test_idle_connection_closed_between_checks_is_no_failure(
     """The server keeps nothing idle: it answers as if keep-alive, then hangs up."""
 
     def hang_up_after_answer(conn: Conn) -> None:
-        if conn.read_request() is not None:
-            conn.send(OK)
+        conn.answer(OK)
 
     server = serve(hang_up_after_answer)
     async with HealthChecker(settings(server.url + "/")) as checker:
@@ -230,8 +231,7 @@ async def test_stale_connection_closed_as_the_request_arrives_is_retried_once(
     connection and closes it without answering (its idle timeout fired just then)."""
 
     def answer_only_the_first(conn: Conn) -> None:
-        if conn.read_request() is not None:
-            conn.send(OK)
+        conn.answer(OK)
         conn.read_request()  # the next request on this connection is never answered
 
     server = serve(answer_only_the_first)
@@ -242,8 +242,7 @@ async def test_stale_connection_closed_as_the_request_arrives_is_retried_once(
 
 async def test_reset_on_a_kept_connection_is_retried(serve: Callable[..., RawServer]) -> None:
     def reset_the_second(conn: Conn) -> None:
-        if conn.read_request() is not None:
-            conn.send(OK)
+        conn.answer(OK)
         if conn.read_request() is not None:  # abortive close: the client sees ECONNRESET
             conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
@@ -269,8 +268,7 @@ async def test_unsolicited_408_before_close_is_not_read_as_the_answer(
     """Some servers send "408 Request Timeout" on an idle kept connection, then close."""
 
     def timeout_idle(conn: Conn) -> None:
-        if conn.read_request() is not None:
-            conn.send(OK)
+        if conn.answer(OK):
             time.sleep(0.02)
             conn.send(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n\r\n")
 
@@ -304,8 +302,7 @@ async def test_unasked_bytes_after_a_response_end_the_connection(
 
 async def test_oversized_head_fails_fast_with_a_reason(serve: Callable[..., RawServer]) -> None:
     def huge_header(conn: Conn) -> None:
-        if conn.read_request() is not None:
-            conn.send(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (1024 * 1024) + b"\r\n\r\n")
+        conn.answer(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (1024 * 1024) + b"\r\n\r\n")
 
     server = serve(huge_header)
     async with HealthChecker(settings(server.url + "/")) as checker:
@@ -354,8 +351,7 @@ async def test_malformed_response_is_a_bad_response(
     serve: Callable[..., RawServer], answer: bytes
 ) -> None:
     def malformed(conn: Conn) -> None:
-        if conn.read_request() is not None:
-            conn.send(answer)
+        if conn.answer(answer):
             conn.saw_eof()
 
     server = serve(malformed)
