@@ -11,9 +11,9 @@ of once per datagram: a wake-up, not a datagram, is what an idle node's CPU goes
 (0.4-0.7 ms of interpreter and kernel each, starting with cold caches, against a few
 microseconds to decode one more packet once awake).
 
-Why a thread and not a Trio task: Trio's scheduler was 0.1-0.15 ms of every wake-up
-(measured: a thread waking on a timerfd costs 0.12-0.18 % of a core at 10 wake-ups/s, the
-same loop as a Trio task 0.31 %), 13 % of an idle node's CPU; and the election keeps its
+Why a thread and not a Trio task: a bare wake-up costs 0.10 ms of CPU in a thread sleeping
+in `epoll_wait` and 0.36 ms as a Trio task (`bench/wakeup_floor.py`, 10 a second), and an
+idle node is little but wake-ups (10-20 % of its CPU went back); and the election keeps its
 timing while Trio's thread is busy or blocked (a slow listener, a long synchronous call),
 which no task can promise. Everything else stays in Trio: health changes, reloads and
 shut-down arrive through `_drive`, which calls the core and pokes the loop to re-arm;
@@ -203,7 +203,7 @@ class Node:
         #: The socket each peer's packets last came on (its own, or the catch-all's if a
         #: NAT rewrote its port), to wake for the right one.
         self._arrives_on: dict[int, socket.socket] = {}
-        #: When `_loop` last drained the sockets: nothing still buffered arrived before.
+        #: When the loop last drained the sockets: nothing still buffered arrived before.
         self._drained_at = -math.inf
         #: Per socket (fd), the kernel's count of datagrams dropped for a full buffer.
         self._overflows: dict[int, int] = {}

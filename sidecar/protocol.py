@@ -264,7 +264,8 @@ class _Window:
 class Codec:
     """One node's encoder/decoder: signs outgoing packets, checks and counts incoming ones.
 
-    Not thread-safe and not meant to be: one task owns it (the node's socket loop).
+    Not thread-safe and not meant to be: its caller serializes every call (the node holds
+    its lock around each).
     `decode` never raises, whatever the bytes; it returns `Decoded`, `Refused` (authentic
     but not acceptable) or the `DropReason` of a packet that is not authentic, and counts
     every drop by reason.

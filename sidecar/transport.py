@@ -100,7 +100,8 @@ class ElectionSockets:
         self, peers: Mapping[int, tuple[str, int]]
     ) -> tuple[list[socket.socket], list[socket.socket]]:
         """Follow a new peer list (a reload): reconnect moved peers, open sockets for new
-        ones, close those of removed ones. Returns (opened, closed) for the receive tasks."""
+        ones, drop those of removed ones. Returns (opened, dropped); the caller closes the
+        dropped ones once nothing waits on them."""
         opened: list[socket.socket] = []
         closed: list[socket.socket] = []
         for peer_id in set(self.peers) - set(peers):
